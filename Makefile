@@ -1,0 +1,29 @@
+# FineTune Operator — developer entry points. `make demo` and `make test` do all set-up.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Debian's python (world-readable, unlike a pyenv under /root) so that non-root trainer
+# processes started by the test node agent can run the same environment.
+SYSTEM_PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
+
+.PHONY: setup demo test test-fast lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(SYSTEM_PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e ".[trainer,operator,dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m finetune.demo
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow and not cluster"
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,15 @@
+"""The one exception type a user sees.
+
+Every problem the user can fix (a missing file, a freeze depth too deep, a bad weights
+file) is raised as ``FinetuneError`` with a message that names the problem and the fix.
+The CLI prints ``error: <message>`` on one line and exits with ``EXIT_USAGE`` instead of
+showing a traceback; the operator treats that exit code as permanent (no restart).
+"""
+
+from __future__ import annotations
+
+EXIT_USAGE = 2
+
+
+class FinetuneError(Exception):
+    """A problem with the user's input, reported as one readable line."""
