@@ -1,0 +1,158 @@
+{{/* vim: set filetype=mustache: */}}
+
+{{/*
+The chart name, truncated to 63 characters (the label value limit).
+*/}}
+{{- define "finetune-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+The fully qualified app name, used as the prefix of every object name. Truncated to 63
+characters because some Kubernetes name fields are limited to that (DNS-1123 labels).
+*/}}
+{{- define "finetune-operator.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Chart name and version, as used by the helm.sh/chart label.
+*/}}
+{{- define "finetune-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Labels that select the operator pod. Never change these between releases: a Deployment's
+selector is immutable.
+*/}}
+{{- define "finetune-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "finetune-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/*
+Common labels for every object of the release.
+*/}}
+{{- define "finetune-operator.labels" -}}
+helm.sh/chart: {{ include "finetune-operator.chart" . }}
+{{ include "finetune-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: finetune-operator
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/*
+The ServiceAccount the operator runs as.
+*/}}
+{{- define "finetune-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "finetune-operator.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+"true" when the operator runs namespaced (only `watchNamespaces` get Roles), "" otherwise.
+*/}}
+{{- define "finetune-operator.namespaced" -}}
+{{- if or .Values.rbac.namespaced (gt (len .Values.watchNamespaces) 0) -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+The namespaces watched in namespaced mode, as a JSON list (templates parse it with fromJsonArray).
+*/}}
+{{- define "finetune-operator.watchNamespaces" -}}
+{{- if .Values.watchNamespaces -}}
+{{- .Values.watchNamespaces | uniq | toJson -}}
+{{- else -}}
+{{- list .Release.Namespace | toJson -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The operator image reference: a digest wins over a tag; the tag defaults to appVersion.
+*/}}
+{{- define "finetune-operator.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The trainer image the operator puts into trainer pods (FINETUNE_TRAINER_IMAGE).
+*/}}
+{{- define "finetune-operator.trainerImage" -}}
+{{- default (printf "ghcr.io/finetune-operator/trainer:%s" .Chart.AppVersion) .Values.trainer.image -}}
+{{- end -}}
+
+{{/*
+RBAC rules for what the operator does inside a watched namespace. Shared by the ClusterRole
+(cluster mode) and the per-namespace Roles (namespaced mode). Verbs are exactly the calls the
+operator makes; nothing is "*".
+*/}}
+{{- define "finetune-operator.workloadRules" -}}
+# Watch FineTunes; patch for kopf's finalizer and its progress annotations.
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunes"]
+  verbs: ["get", "list", "watch", "patch", "update"]
+# Report phase, progress and metrics in .status.
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunes/status"]
+  verbs: ["get", "patch", "update"]
+# Trainer pods: one per worker; deleted on restart/suspend/TTL; patched for labels/annotations.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+# Read container exit codes and conditions of the trainer pods.
+- apiGroups: [""]
+  resources: ["pods/status"]
+  verbs: ["get"]
+# Headless Service per FineTune so workers find the rendezvous host (worker 0).
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+# Custom model configs referenced by a FineTune (read only).
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get"]
+# kopf posts Kubernetes events about handler progress and failures (core API).
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+# The same events through the events.k8s.io API, used by newer clients.
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end -}}
+
+{{/*
+RBAC rules kopf needs at cluster scope in every mode: it discovers and watches CRDs to find
+the resources it serves, and lists/watches namespaces to resolve --namespace patterns.
+Read-only.
+*/}}
+{{- define "finetune-operator.scanningRules" -}}
+# kopf scans CRDs to find the FineTune and peering resources, and follows their changes.
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+# kopf follows namespaces to match its --namespace patterns (names only, read-only).
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+{{- end -}}

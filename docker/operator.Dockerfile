@@ -1,0 +1,38 @@
+# syntax=docker/dockerfile:1
+# FineTune operator image: kopf + the Kubernetes client (the `operator` extra), never torch.
+# Build from the repository root:  docker build -f docker/operator.Dockerfile -t finetune-operator .
+
+FROM python:3.11-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+# A virtualenv, so the runtime stage copies exactly the installed packages and no build tools.
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# Only what the wheel is built from (see .dockerignore); both package roots are needed because
+# setuptools discovers packages under trainer/ and operator/ (the operator reads model configs).
+COPY pyproject.toml README.md ./
+COPY trainer/ trainer/
+COPY operator/ operator/
+# Versions are pinned in pyproject.toml; `.[operator]` must not pull the `trainer` extra.
+# DL3013 wants `pkg==version`; the project itself is not pinnable and its dependencies are.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[operator]" \
+    && if pip show torch >/dev/null 2>&1; then echo "torch must not be in the operator image" >&2; exit 1; fi
+
+FROM python:3.11-slim-bookworm
+# Numeric, non-root user: Kubernetes' runAsNonRoot can only verify a numeric USER.
+# A passwd entry too, because libraries asking for the user name (getpass) fail without one.
+RUN groupadd --gid 10001 operator \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin operator
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+USER 10001:10001
+WORKDIR /tmp
+# 8080: operator metrics; 8081: kopf liveness (/healthz).
+EXPOSE 8080 8081
+ENTRYPOINT ["finetune-operator"]
+# Cluster-wide by default; the Helm chart passes --all-namespaces or --namespace=NS explicitly.
+CMD ["--all-namespaces"]

@@ -1,0 +1,395 @@
+"""Pure functions that turn a FineTune spec into the Service and Pod manifests it needs.
+
+Nothing here talks to a cluster, so every manifest can be unit-tested from a spec dict.
+The container command follows docs/trainer-contract.md (flags, port 9400, --resume=auto).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from typing import Any, Mapping
+
+GROUP = "finetune.dev"
+VERSION = "v1alpha1"
+PLURAL = "finetunes"
+KIND = "FineTune"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+RENDEZVOUS_PORT = 29500
+METRICS_PORT = 9400
+DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
+TRAINER_IMAGE_ENV = "FINETUNE_TRAINER_IMAGE"
+
+LABEL_APP_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_FINETUNE = "finetune.dev/name"
+LABEL_WORKER_INDEX = "finetune.dev/worker-index"
+# Pods of the n-th (re)start carry attempt "n" (== status.restarts when they were created), so
+# pods left over from before a restart are recognisable even if the operator crashed in between.
+LABEL_ATTEMPT = "finetune.dev/attempt"
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+MANAGED_BY = "finetune-operator"
+TRAINER_APP = "finetune-trainer"
+
+# The immutable part of the spec is stored here when the run starts; pods are always built from
+# it, so a rejected spec change is never half-applied.
+ANNOTATION_APPLIED_SPEC = "finetune.dev/applied-spec"
+
+# Fields a user may change while the run exists; everything else under spec is immutable.
+MUTABLE_FIELDS = ("suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "backoffLimit")
+
+DATA_MOUNT = "/data"
+WEIGHTS_MOUNT = "/weights"
+OUTPUT_MOUNT = "/output"
+CONFIG_MOUNT = "/config"
+RUN_AS_ID = 1000
+
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "epochs": 100,
+    "batchSize": 16,
+    "imageSize": 640,
+    "optimizer": "SGD",
+    "amp": "auto",
+    "cache": "none",
+}
+SPEC_DEFAULTS: dict[str, Any] = {
+    "freeze": 0,
+    "freezeBatchNorm": True,
+    "workers": 1,
+    "gpusPerWorker": 1,
+    "suspend": False,
+    "backoffLimit": 3,
+}
+
+
+def with_defaults(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec with the CRD's defaults filled in.
+
+    The apiserver applies the same defaults; doing it here too keeps the functions below
+    correct for specs that never went through an apiserver (unit tests, old objects).
+    """
+    result = copy.deepcopy(dict(spec))
+    for key, value in SPEC_DEFAULTS.items():
+        result.setdefault(key, value)
+    training = dict(TRAINING_DEFAULTS)
+    training.update(result.get("training") or {})
+    result["training"] = training
+    return result
+
+
+def immutable_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of the spec that may not change while the run exists (defaults applied)."""
+    full = with_defaults(spec)
+    return {k: v for k, v in full.items() if k not in MUTABLE_FIELDS}
+
+
+def spec_hash(spec: Mapping[str, Any]) -> str:
+    canonical = json.dumps(immutable_spec(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def trainer_image(spec: Mapping[str, Any], default: str | None = None) -> str:
+    if spec.get("image"):
+        return str(spec["image"])
+    return default or os.environ.get(TRAINER_IMAGE_ENV) or DEFAULT_TRAINER_IMAGE
+
+
+def service_name(name: str) -> str:
+    return name
+
+
+def worker_pod_name(name: str, index: int) -> str:
+    return f"{name}-worker-{index}"
+
+
+def master_address(name: str) -> str:
+    """DNS name of rank 0: resolvable through the headless Service (hostname + subdomain)."""
+    return f"{worker_pod_name(name, 0)}.{service_name(name)}"
+
+
+def processes_per_worker(spec: Mapping[str, Any]) -> int:
+    return max(int(with_defaults(spec)["gpusPerWorker"]), 1)
+
+
+def world_size(spec: Mapping[str, Any]) -> int:
+    full = with_defaults(spec)
+    return int(full["workers"]) * processes_per_worker(full)
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {LABEL_FINETUNE: name, LABEL_COMPONENT: "worker"}
+
+
+def common_labels(name: str) -> dict[str, str]:
+    return {
+        LABEL_APP_NAME: TRAINER_APP,
+        LABEL_INSTANCE: name,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_FINETUNE: name,
+    }
+
+
+def pod_labels(name: str, index: int, attempt: int, spec: Mapping[str, Any]) -> dict[str, str]:
+    labels = common_labels(name)
+    labels.update({
+        LABEL_COMPONENT: "worker",
+        LABEL_WORKER_INDEX: str(index),
+        LABEL_ATTEMPT: str(attempt),
+    })
+    queue = (spec.get("scheduling") or {}).get("queueName")
+    if queue:
+        labels[LABEL_QUEUE] = queue
+    return labels
+
+
+def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
+    """Controller reference to the FineTune, so deleting it garbage-collects what it owns."""
+    meta = owner["metadata"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _format_number(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def trainer_arguments(name: str, spec: Mapping[str, Any]) -> list[str]:
+    """`finetune train` flags (everything after `-m finetune.cli train`)."""
+    full = with_defaults(spec)
+    model = full.get("model") or {}
+    training = full["training"]
+    args = ["--data", f"{DATA_MOUNT}/{full['dataset']['config']}"]
+    if model.get("config"):
+        args += ["--model", f"{CONFIG_MOUNT}/{model['config']['key']}"]
+    else:
+        args += ["--model", str(model["architecture"])]
+    if model.get("weights"):
+        args += ["--weights", f"{WEIGHTS_MOUNT}/{model['weights']}"]
+    args += [
+        "--freeze", str(full["freeze"]),
+        "--freeze-bn", _format_number(bool(full["freezeBatchNorm"])),
+        "--epochs", str(training["epochs"]),
+        "--batch", str(training["batchSize"]),
+        "--imgsz", str(training["imageSize"]),
+        "--optimizer", str(training["optimizer"]),
+    ]
+    if training.get("learningRate") is not None:
+        args += ["--lr0", str(training["learningRate"])]
+    if training.get("lrSchedule"):
+        args += ["--lr-schedule", str(training["lrSchedule"])]
+    if training.get("patience") is not None:
+        args += ["--patience", str(training["patience"])]
+    args += ["--amp", str(training["amp"]), "--cache", str(training["cache"])]
+    if training.get("seed") is not None:
+        args += ["--seed", str(training["seed"])]
+    if training.get("dataLoaderWorkers") is not None:
+        args += ["--workers", str(training["dataLoaderWorkers"])]
+    for key, value in sorted((training.get("hyperparameters") or {}).items()):
+        args += ["--hyp", f"{key}={_format_number(value)}"]
+    args += [
+        "--device", "cuda" if int(full["gpusPerWorker"]) > 0 else "cpu",
+        "--out", output_directory(full),
+        "--name", name,
+        "--resume=auto",
+        "--metrics-port", str(METRICS_PORT),
+        "--log-format", "json",
+    ]
+    return args
+
+
+def output_directory(spec: Mapping[str, Any]) -> str:
+    output = spec.get("output") or {}
+    path = str(output.get("path") or "").strip("/")
+    return f"{OUTPUT_MOUNT}/{path}" if path else OUTPUT_MOUNT
+
+
+def checkpoint_path(spec: Mapping[str, Any]) -> str:
+    return f"{output_directory(spec)}/best.pt"
+
+
+def worker_command(name: str, spec: Mapping[str, Any], index: int) -> list[str]:
+    full = with_defaults(spec)
+    return [
+        "torchrun",
+        f"--nnodes={full['workers']}",
+        f"--nproc-per-node={processes_per_worker(full)}",
+        f"--node-rank={index}",
+        f"--master-addr={master_address(name)}",
+        f"--master-port={RENDEZVOUS_PORT}",
+        "-m", "finetune.cli", "train",
+        *trainer_arguments(name, full),
+    ]
+
+
+def container_resources(spec: Mapping[str, Any]) -> dict[str, Any]:
+    full = with_defaults(spec)
+    resources = copy.deepcopy(full.get("resources") or {})
+    gpus = int(full["gpusPerWorker"])
+    limits = dict(resources.get("limits") or {})
+    requests = dict(resources.get("requests") or {})
+    if gpus > 0:
+        # Extended resources must have requests == limits; gpusPerWorker is the source of truth.
+        limits["nvidia.com/gpu"] = gpus
+        if "nvidia.com/gpu" in requests:
+            requests["nvidia.com/gpu"] = gpus
+    else:
+        limits.pop("nvidia.com/gpu", None)
+        requests.pop("nvidia.com/gpu", None)
+    result: dict[str, Any] = {}
+    if limits:
+        result["limits"] = limits
+    if requests:
+        result["requests"] = requests
+    return result
+
+
+def volumes(spec: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(pod volumes, container volumeMounts)."""
+    full = with_defaults(spec)
+    model = full.get("model") or {}
+    pod_volumes: list[dict[str, Any]] = [{"name": "dataset", **copy.deepcopy(full["dataset"]["volume"])}]
+    mounts: list[dict[str, Any]] = [{"name": "dataset", "mountPath": DATA_MOUNT, "readOnly": True}]
+    if model.get("volume"):
+        pod_volumes.append({"name": "weights", **copy.deepcopy(model["volume"])})
+        mounts.append({"name": "weights", "mountPath": WEIGHTS_MOUNT, "readOnly": True})
+    output = full.get("output") or {}
+    if output.get("volume"):
+        pod_volumes.append({"name": "output", **copy.deepcopy(output["volume"])})
+    else:
+        # Only allowed with backoffLimit 0 (validation): nothing has to survive the pod.
+        pod_volumes.append({"name": "output", "emptyDir": {}})
+    mounts.append({"name": "output", "mountPath": OUTPUT_MOUNT})
+    if model.get("config"):
+        config = model["config"]
+        pod_volumes.append({
+            "name": "model-config",
+            "configMap": {"name": config["configMapName"], "items": [{"key": config["key"], "path": config["key"]}]},
+        })
+        mounts.append({"name": "model-config", "mountPath": CONFIG_MOUNT, "readOnly": True})
+    # DataLoader workers pass batches through shared memory; the container default is 64Mi.
+    pod_volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+    mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    return pod_volumes, mounts
+
+
+def build_service(name: str, namespace: str, owner: Mapping[str, Any]) -> dict[str, Any]:
+    """Headless Service: gives every worker the DNS name <pod>.<service> for the rendezvous."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": service_name(name),
+            "namespace": namespace,
+            "labels": common_labels(name),
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector_labels(name),
+            # Workers must find rank 0 before any of them is Ready.
+            "publishNotReadyAddresses": True,
+            "ports": [
+                {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"},
+                {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT, "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def build_worker_pod(
+    name: str,
+    namespace: str,
+    spec: Mapping[str, Any],
+    index: int,
+    owner: Mapping[str, Any],
+    attempt: int = 0,
+    default_image: str | None = None,
+) -> dict[str, Any]:
+    full = with_defaults(spec)
+    pod_volumes, mounts = volumes(full)
+    scheduling = full.get("scheduling") or {}
+    container: dict[str, Any] = {
+        "name": "trainer",
+        "image": trainer_image(full, default_image),
+        "command": worker_command(name, full, index),
+        "env": [
+            {"name": "FINETUNE_NAME", "value": name},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+        ],
+        "ports": [
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
+        ],
+        "resources": container_resources(full),
+        "volumeMounts": mounts,
+        # The trainer's last stderr line ("error: ...") ends up in the pod status, and from
+        # there in the FineTune's failure message.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if full.get("imagePullPolicy"):
+        container["imagePullPolicy"] = full["imagePullPolicy"]
+    pod_spec: dict[str, Any] = {
+        "hostname": worker_pod_name(name, index),
+        "subdomain": service_name(name),
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 60,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_ID,
+            "runAsGroup": RUN_AS_ID,
+            "fsGroup": RUN_AS_ID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": pod_volumes,
+    }
+    for field in ("priorityClassName", "schedulerName", "nodeSelector", "tolerations", "affinity"):
+        if scheduling.get(field):
+            pod_spec[field] = copy.deepcopy(scheduling[field])
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": worker_pod_name(name, index),
+            "namespace": namespace,
+            "labels": pod_labels(name, index, attempt, full),
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": pod_spec,
+    }
+
+
+def build_worker_pods(
+    name: str,
+    namespace: str,
+    spec: Mapping[str, Any],
+    owner: Mapping[str, Any],
+    attempt: int = 0,
+    default_image: str | None = None,
+) -> list[dict[str, Any]]:
+    full = with_defaults(spec)
+    return [
+        build_worker_pod(name, namespace, full, i, owner, attempt, default_image)
+        for i in range(int(full["workers"]))
+    ]

@@ -1,0 +1,279 @@
+"""Letterboxing and train-time augmentation for detection samples.
+
+Images are ``uint8`` tensors ``[3, H, W]`` (RGB); boxes are ``float32`` tensors ``[n, 4]`` in
+absolute ``xyxy`` pixels of the image they travel with. The geometric part (affine, flips,
+crop) goes through ``torchvision.transforms.v2.functional`` with ``tv_tensors.BoundingBoxes``
+so image and boxes are transformed by the same, well-tested code. All randomness is drawn from
+torch's global RNG, which ``DataLoader`` seeds per worker, so a seeded run is reproducible.
+
+Hyperparameter keys and meanings follow YOLOv5 (``hsv_h``, ``scale``, ``fliplr``, ...), so a
+user's existing hyp file means the same thing here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from finetune.errors import FinetuneError
+
+PAD_VALUE = 114  # the gray YOLOv5 letterboxes with; pretrained weights have seen it
+
+# Defaults suit fine-tuning: mild colour jitter, small translation, moderate zoom, flips,
+# no rotation/shear, and mosaic off (it fights the small-dataset regime fine-tuning is for).
+DEFAULT_HYP: dict[str, float] = {
+    "hsv_h": 0.015,  # hue shift, fraction of the colour circle (±)
+    "hsv_s": 0.7,  # saturation gain (±fraction)
+    "hsv_v": 0.4,  # value/brightness gain (±fraction)
+    "degrees": 0.0,  # rotation (±deg)
+    "translate": 0.1,  # translation (±fraction of the image size)
+    "scale": 0.5,  # zoom gain (±fraction)
+    "shear": 0.0,  # shear (±deg)
+    "fliplr": 0.5,  # probability of a left-right flip
+    "flipud": 0.0,  # probability of an up-down flip
+    "mosaic": 0.0,  # probability of a 4-image mosaic
+}
+_PROBABILITIES = ("fliplr", "flipud", "mosaic")
+_FRACTIONS = ("hsv_h", "hsv_s", "hsv_v", "translate", "scale")
+
+# Boxes that an augmentation shrinks below this are no longer a fair training target.
+MIN_BOX_PX = 2.0
+MIN_AREA_RATIO = 0.1
+MAX_ASPECT = 20.0
+
+
+def resolve_hyp(hyp: Mapping[str, object] | None) -> dict[str, float]:
+    """Defaults overlaid with the user's values; keys we don't use (loss gains...) pass through.
+
+    Bad values are a user error (they come from ``--hyp KEY=VALUE``), so they raise
+    ``FinetuneError`` naming the key instead of failing deep inside a worker.
+    """
+    out: dict[str, float] = dict(DEFAULT_HYP)
+    for key, value in (hyp or {}).items():
+        if key not in DEFAULT_HYP:
+            continue
+        try:
+            out[key] = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise FinetuneError(f"hyperparameter {key}={value!r} is not a number; pass e.g. --hyp {key}={DEFAULT_HYP[key]}") from None
+    for key in _PROBABILITIES:
+        if not 0.0 <= out[key] <= 1.0:
+            raise FinetuneError(f"hyperparameter {key}={out[key]} is a probability; pass a value in [0, 1]")
+    for key in _FRACTIONS:
+        if not 0.0 <= out[key] < 1.0:
+            raise FinetuneError(f"hyperparameter {key}={out[key]} must be in [0, 1); pass a smaller value")
+    for key in ("degrees", "shear"):
+        if not 0.0 <= out[key] <= 90.0:
+            raise FinetuneError(f"hyperparameter {key}={out[key]} is in degrees; pass a value in [0, 90]")
+    return out
+
+
+# ----------------------------------------------------------------------------- randomness
+def _uniform(low: float, high: float) -> float:
+    """One draw from torch's global RNG, so DataLoader worker seeding governs it."""
+    return low + (high - low) * float(torch.rand(()))
+
+
+def _chance(p: float) -> bool:
+    return p > 0.0 and float(torch.rand(())) < p
+
+
+# ----------------------------------------------------------------------------- letterbox
+def resize_longest(image: torch.Tensor, imgsz: int) -> tuple[torch.Tensor, float]:
+    """Resize so the longest side is ``imgsz`` (aspect kept); returns the image and the gain."""
+    h0, w0 = image.shape[-2:]
+    ratio = imgsz / max(h0, w0)
+    if ratio == 1.0:
+        return image, ratio
+    size = [max(1, round(h0 * ratio)), max(1, round(w0 * ratio))]
+    return F.resize(image, size, antialias=True), ratio
+
+
+def pad_to_square(image: torch.Tensor, imgsz: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Centre the (already resized) image on an ``imgsz`` square of gray; returns (padw, padh)."""
+    h, w = image.shape[-2:]
+    padw, padh = (imgsz - w) // 2, (imgsz - h) // 2
+    if padw == 0 and padh == 0 and h == w == imgsz:
+        return image, (0, 0)
+    out = torch.full((image.shape[0], imgsz, imgsz), PAD_VALUE, dtype=image.dtype)
+    out[:, padh : padh + h, padw : padw + w] = image
+    return out, (padw, padh)
+
+
+def normalized_to_letterbox(
+    xywhn: torch.Tensor, orig_shape: tuple[int, int], ratio: float, pad: tuple[int, int]
+) -> torch.Tensor:
+    """YOLO ``cx cy w h`` (normalized to the original image) → ``xyxy`` pixels after letterbox.
+
+    Both axes use the single gain ``ratio`` (not the rounded resized size) so that
+    ``(x - padw) / ratio`` maps a letterboxed coordinate back to the original exactly.
+    """
+    h0, w0 = orig_shape
+    cx, cy = xywhn[:, 0] * w0, xywhn[:, 1] * h0
+    bw, bh = xywhn[:, 2] * w0, xywhn[:, 3] * h0
+    xyxy = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=1)
+    xyxy = xyxy.clamp(min=0) * ratio
+    xyxy[:, 0::2] = xyxy[:, 0::2].clamp(max=w0 * ratio) + pad[0]
+    xyxy[:, 1::2] = xyxy[:, 1::2].clamp(max=h0 * ratio) + pad[1]
+    return xyxy
+
+
+def xyxy_to_xywhn(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Absolute ``xyxy`` → normalized ``cx cy w h`` (the target format the loss expects)."""
+    out = torch.empty_like(boxes)
+    out[:, 0] = (boxes[:, 0] + boxes[:, 2]) / (2 * width)
+    out[:, 1] = (boxes[:, 1] + boxes[:, 3]) / (2 * height)
+    out[:, 2] = (boxes[:, 2] - boxes[:, 0]) / width
+    out[:, 3] = (boxes[:, 3] - boxes[:, 1]) / height
+    return out
+
+
+# ----------------------------------------------------------------------------- mosaic
+def mosaic4(
+    tiles: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], imgsz: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Put four (image, boxes, classes) tiles around a random centre of a ``2*imgsz`` canvas.
+
+    Each image (longest side already ``imgsz``) is anchored by one corner at the centre, in
+    the order top-left, top-right, bottom-left, bottom-right, and cut at the canvas edge.
+    The caller crops the canvas back to ``imgsz`` with :func:`augment_geometric`.
+    """
+    size = 2 * imgsz
+    canvas = torch.full((3, size, size), PAD_VALUE, dtype=torch.uint8)
+    xc = int(_uniform(imgsz * 0.5, imgsz * 1.5))
+    yc = int(_uniform(imgsz * 0.5, imgsz * 1.5))
+    all_boxes, all_classes = [], []
+    for k, (image, boxes, classes) in enumerate(tiles):
+        h, w = image.shape[-2:]
+        x0 = xc - w if k in (0, 2) else xc  # tile's top-left corner on the canvas
+        y0 = yc - h if k in (0, 1) else yc
+        cx0, cy0 = max(x0, 0), max(y0, 0)
+        cx1, cy1 = min(x0 + w, size), min(y0 + h, size)
+        canvas[:, cy0:cy1, cx0:cx1] = image[:, cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
+        all_boxes.append(boxes + torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype))
+        all_classes.append(classes)
+    return canvas, torch.cat(all_boxes), torch.cat(all_classes)
+
+
+# ----------------------------------------------------------------------------- geometry
+def augment_geometric(
+    image: torch.Tensor,
+    boxes: torch.Tensor,
+    classes: torch.Tensor,
+    hyp: Mapping[str, float],
+    out_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random affine (rotate/scale/translate/shear) about the centre, crop to ``out_size``.
+
+    The input is either the ``out_size`` letterbox or a larger mosaic canvas whose centre
+    region is kept. Boxes take the enclosing box of their transformed corners, are clipped to
+    the output, and are dropped when they become tiny or lose >90% of their (scaled) area.
+    """
+    height, width = image.shape[-2:]
+    bboxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width))
+    area_before = _area(boxes)
+    scale = 1.0
+    if any(hyp[k] > 0 for k in ("degrees", "translate", "scale", "shear")):
+        angle = _uniform(-hyp["degrees"], hyp["degrees"])
+        scale = _uniform(1 - hyp["scale"], 1 + hyp["scale"])
+        shear = [_uniform(-hyp["shear"], hyp["shear"]), _uniform(-hyp["shear"], hyp["shear"])]
+        translate = [
+            _uniform(-hyp["translate"], hyp["translate"]) * out_size,
+            _uniform(-hyp["translate"], hyp["translate"]) * out_size,
+        ]
+        params = dict(angle=angle, translate=translate, scale=scale, shear=shear)
+        image = F.affine(image, **params, interpolation=F.InterpolationMode.BILINEAR, fill=[float(PAD_VALUE)] * 3)
+        bboxes = F.affine(bboxes, **params)
+    if (height, width) != (out_size, out_size):
+        image = F.center_crop(image, [out_size, out_size])
+        bboxes = F.center_crop(bboxes, [out_size, out_size])
+    out = bboxes.as_subclass(torch.Tensor).clone()
+    out[:, 0::2] = out[:, 0::2].clamp(0, out_size)
+    out[:, 1::2] = out[:, 1::2].clamp(0, out_size)
+    keep = box_candidates(area_before * scale**2, out)
+    return image, out[keep], classes[keep]
+
+
+def _area(boxes: torch.Tensor) -> torch.Tensor:
+    return (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+
+
+def box_candidates(area_expected: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Mask of boxes still worth training on: ≥2 px each side, ≥10% of their expected area,
+    and not a sliver (aspect < 20) that clipping at the border left behind."""
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    aspect = torch.maximum(w / h.clamp(min=1e-6), h / w.clamp(min=1e-6))
+    return (
+        (w >= MIN_BOX_PX)
+        & (h >= MIN_BOX_PX)
+        & (w * h >= MIN_AREA_RATIO * area_expected)
+        & (aspect < MAX_ASPECT)
+    )
+
+
+def random_flips(
+    image: torch.Tensor, boxes: torch.Tensor, hyp: Mapping[str, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-right / up-down flips with probabilities ``fliplr`` / ``flipud``."""
+    height, width = image.shape[-2:]
+    flip_lr, flip_ud = _chance(hyp["fliplr"]), _chance(hyp["flipud"])
+    if not (flip_lr or flip_ud):
+        return image, boxes
+    bboxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width))
+    if flip_lr:
+        image, bboxes = F.horizontal_flip(image), F.horizontal_flip(bboxes)
+    if flip_ud:
+        image, bboxes = F.vertical_flip(image), F.vertical_flip(bboxes)
+    return image, bboxes.as_subclass(torch.Tensor)
+
+
+# ----------------------------------------------------------------------------- colour
+_LUMA = torch.tensor([0.299, 0.587, 0.114])
+
+
+def color_matrix(hue: float, saturation: float, value: float) -> torch.Tensor:
+    """3x3 RGB matrix: rotate hue by ``hue`` turns about the gray axis, blend saturation with
+    luma, scale brightness. Scaling all channels by ``value`` scales HSV's V exactly."""
+    theta = 2 * math.pi * hue
+    cos, sin = math.cos(theta), math.sin(theta)
+    ones = torch.full((3, 3), 1.0 / 3.0)
+    cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]]) / math.sqrt(3.0)
+    rotation = cos * torch.eye(3) + sin * cross + (1 - cos) * ones  # Rodrigues about (1,1,1)
+    sat = saturation * torch.eye(3) + (1 - saturation) * _LUMA.expand(3, 3)
+    return value * (sat @ rotation)
+
+
+def random_hsv(image: torch.Tensor, hyp: Mapping[str, float]) -> torch.Tensor:
+    """Random hue/saturation/value jitter in one 3x3 colour matrix.
+
+    Hand-written for speed: ``F.adjust_hue`` converts every pixel RGB→HSV→RGB in float and
+    costs ~5 ms for a 320² image on one core (a tenth of our whole per-image budget); one
+    3x3 matrix multiply does hue, saturation and value together in ~0.5 ms.
+    """
+    hgain, sgain, vgain = hyp["hsv_h"], hyp["hsv_s"], hyp["hsv_v"]
+    if hgain == sgain == vgain == 0:
+        return image
+    matrix = color_matrix(
+        _uniform(-hgain, hgain), _uniform(1 - sgain, 1 + sgain), _uniform(1 - vgain, 1 + vgain)
+    )
+    flat = matrix @ image.reshape(3, -1).float()
+    return flat.add_(0.5).clamp_(0, 255).to(torch.uint8).reshape(image.shape)
+
+
+def augment_sample(
+    image: torch.Tensor,
+    boxes: torch.Tensor,
+    classes: torch.Tensor,
+    hyp: Mapping[str, float],
+    out_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole train-time chain: geometry (and mosaic crop), colour, flips."""
+    image, boxes, classes = augment_geometric(image, boxes, classes, hyp, out_size)
+    image = random_hsv(image, hyp)
+    image, boxes = random_flips(image, boxes, hyp)
+    return image, boxes, classes

@@ -1,0 +1,209 @@
+"""Reading a YOLO ``data.yaml`` into the list of image files for each split.
+
+The format is the one YOLOv5 users already have: ``path`` (the dataset root), ``train`` and
+``val`` (a folder of images, a ``.txt`` file listing image paths, or a list of those), and
+``names`` (a list or an ``{index: name}`` mapping) and/or ``nc``. Every problem a user can
+fix is raised as one ``FinetuneError`` naming the file and the fix, because the trainer runs
+inside a pod where a traceback is the least readable way to say "your labels are missing".
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune.errors import FinetuneError
+
+# Extensions we look for when a split is a folder. JPEG/PNG/WebP decode with libjpeg-turbo /
+# libpng through torchvision; the others fall back to PIL in the dataset.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class DataConfig:
+    """A parsed ``data.yaml``: resolved image files per split plus the class names."""
+
+    path: Path
+    train: list[Path]
+    val: list[Path]
+    names: list[str]
+    nc: int
+    yaml_path: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def label_path_for(image_path: str | os.PathLike) -> Path:
+    """The YOLO label file for an image: last ``/images/`` → ``/labels/``, extension → ``.txt``.
+
+    An image with no ``images`` folder in its path keeps its folder, so the label sits beside
+    it (the same fallback YOLOv5 has).
+    """
+    text = os.fspath(image_path)
+    marker, replacement = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    head, sep, tail = text.rpartition(marker)
+    if sep:
+        text = head + replacement + tail
+    return Path(text).with_suffix(".txt")
+
+
+def load_data_config(path: str | os.PathLike) -> DataConfig:
+    """Parse and validate ``data.yaml``; raise ``FinetuneError`` for anything the user must fix."""
+    yaml_path = Path(path).expanduser()
+    raw = _read_yaml(yaml_path)
+    root = _resolve_root(raw, yaml_path)
+    names = _parse_names(raw, yaml_path)
+    splits = {}
+    for split in ("train", "val"):
+        entry = raw.get(split)
+        if entry in (None, "", []):
+            raise FinetuneError(
+                f"{yaml_path}: missing '{split}' key; add '{split}: images/{split}' "
+                f"(a folder of images, a .txt list of image paths, or a list of those)"
+            )
+        splits[split] = _collect_images(entry, root, yaml_path, split)
+    _require_some_labels(splits["train"], yaml_path)
+    extra = {k: v for k, v in raw.items() if k not in {"path", "train", "val", "names", "nc"}}
+    return DataConfig(
+        path=root,
+        train=splits["train"],
+        val=splits["val"],
+        names=names,
+        nc=len(names),
+        yaml_path=yaml_path.resolve(),
+        extra=extra,
+    )
+
+
+def _read_yaml(yaml_path: Path) -> dict:
+    if not yaml_path.is_file():
+        raise FinetuneError(
+            f"data.yaml not found: {yaml_path}; pass --data with the path to your dataset's "
+            f"YOLO data.yaml"
+        )
+    try:
+        raw = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FinetuneError(f"{yaml_path}: not valid YAML ({first_line}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise FinetuneError(
+            f"{yaml_path}: expected a mapping with path/train/val/names keys, got "
+            f"{type(raw).__name__}; rewrite it as a YOLO data.yaml"
+        )
+    return raw
+
+
+def _resolve_root(raw: dict, yaml_path: Path) -> Path:
+    """``path`` is the dataset root: relative to the yaml's folder, defaulting to that folder."""
+    base = yaml_path.resolve().parent
+    value = raw.get("path")
+    if value in (None, ""):
+        return base
+    root = Path(str(value)).expanduser()
+    root = root if root.is_absolute() else (base / root)
+    root = Path(os.path.normpath(root))
+    if not root.is_dir():
+        raise FinetuneError(
+            f"{yaml_path}: dataset root 'path: {value}' is not a folder ({root}); "
+            f"fix 'path' (relative paths are relative to the data.yaml's folder)"
+        )
+    return root
+
+
+def _parse_names(raw: dict, yaml_path: Path) -> list[str]:
+    names = raw.get("names")
+    nc = raw.get("nc")
+    if isinstance(names, dict):
+        names = _names_from_mapping(names, yaml_path)
+    elif isinstance(names, (list, tuple)):
+        names = [str(n) for n in names]
+    elif names is not None:
+        raise FinetuneError(
+            f"{yaml_path}: 'names' must be a list or an {{index: name}} mapping, got "
+            f"{type(names).__name__}; fix 'names'"
+        )
+    if nc is not None and (not isinstance(nc, int) or isinstance(nc, bool) or nc < 1):
+        raise FinetuneError(f"{yaml_path}: 'nc: {nc}' is not a positive integer; fix 'nc'")
+    if names is None and nc is None:
+        raise FinetuneError(f"{yaml_path}: no 'names' or 'nc'; add 'names: [class0, class1, ...]'")
+    if names is not None and nc is not None and nc != len(names):
+        raise FinetuneError(
+            f"{yaml_path}: 'nc: {nc}' disagrees with {len(names)} 'names'; make them match "
+            f"or drop 'nc'"
+        )
+    if names is None:
+        names = [f"class{i}" for i in range(nc)]
+    if not names:
+        raise FinetuneError(f"{yaml_path}: 'names' is empty; list at least one class name")
+    return names
+
+
+def _names_from_mapping(mapping: dict, yaml_path: Path) -> list[str]:
+    try:
+        indexed = {int(k): str(v) for k, v in mapping.items()}
+    except (TypeError, ValueError):
+        raise FinetuneError(
+            f"{yaml_path}: 'names' mapping keys must be integers 0..n-1; fix 'names'"
+        ) from None
+    if sorted(indexed) != list(range(len(indexed))):
+        raise FinetuneError(
+            f"{yaml_path}: 'names' mapping keys {sorted(indexed)} are not 0..{len(indexed) - 1}; "
+            f"number the classes consecutively from 0"
+        )
+    return [indexed[i] for i in range(len(indexed))]
+
+
+def _collect_images(entry: Any, root: Path, yaml_path: Path, split: str) -> list[Path]:
+    """Expand a split entry (folder, list file, image, or a list of those) into image files."""
+    entries = entry if isinstance(entry, (list, tuple)) else [entry]
+    images: list[Path] = []
+    for item in entries:
+        p = Path(str(item)).expanduser()
+        p = Path(os.path.normpath(p if p.is_absolute() else root / p))
+        if p.is_dir():
+            images += sorted(
+                f for f in p.rglob("*") if f.suffix.lower() in IMG_EXTENSIONS and f.is_file()
+            )
+        elif p.is_file() and p.suffix.lower() == ".txt":
+            images += _read_list_file(p)
+        elif p.is_file() and p.suffix.lower() in IMG_EXTENSIONS:
+            images.append(p)
+        else:
+            raise FinetuneError(
+                f"{yaml_path}: {split} path '{item}' does not exist ({p}); fix '{split}' "
+                f"(relative paths are relative to the dataset root {root})"
+            )
+    if not images:
+        raise FinetuneError(
+            f"{yaml_path}: no images found for '{split}' in {entries} (looked for "
+            f"{', '.join(IMG_EXTENSIONS)}); point '{split}' at a folder of images or a .txt list"
+        )
+    return images
+
+
+def _read_list_file(list_file: Path) -> list[Path]:
+    """Image paths, one a line; relative ones are relative to the list file's folder."""
+    out = []
+    for line in list_file.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        p = Path(line).expanduser()
+        out.append(Path(os.path.normpath(p if p.is_absolute() else list_file.parent / p)))
+    return out
+
+
+def _require_some_labels(train_images: list[Path], yaml_path: Path) -> None:
+    """A train split with no label file at all is almost always a layout mistake."""
+    if any(label_path_for(p).is_file() for p in train_images):
+        return
+    example = train_images[0]
+    raise FinetuneError(
+        f"{yaml_path}: no labels found for the {len(train_images)} train images (e.g. none at "
+        f"{label_path_for(example)}); expected labels/<name>.txt beside images/ "
+        f"(…/images/x.jpg → …/labels/x.txt)"
+    )

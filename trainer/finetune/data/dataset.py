@@ -1,0 +1,388 @@
+"""The YOLO-format detection dataset, its collate function, and the DataLoader factory.
+
+Bad data never stops a run: undecodable or truncated images are dropped when the dataset is
+built (a cheap PIL header check), malformed label lines are dropped while the labels are
+read, and the counts end up in ``dataset.stats`` and ``dataset.summary()`` for the log. The
+labels are read once, up front, because they are tiny and it lets us report problems before
+the first epoch instead of from inside a worker process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.io as tio
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from finetune.data.augment import (
+    PAD_VALUE,
+    augment_sample,
+    mosaic4,
+    normalized_to_letterbox,
+    pad_to_square,
+    resize_longest,
+    resolve_hyp,
+    xyxy_to_xywhn,
+)
+from finetune.data.config import label_path_for
+from finetune.errors import FinetuneError
+
+log = logging.getLogger(__name__)
+
+COORD_TOLERANCE = 0.01  # labelling tools round; a box edge at 1.004 is still a good box
+_TORCHVISION_DECODES = {".jpg", ".jpeg", ".png", ".webp"}
+_MAX_EXAMPLES = 3  # skipped files quoted in the summary line
+
+
+class YoloDataset(Dataset):
+    """Images + YOLO ``.txt`` labels → ``(image uint8 [3,S,S], targets [n,6], meta)``.
+
+    ``targets`` rows are ``(0, class, cx, cy, w, h)`` normalized to the returned square image
+    (column 0 is filled with the index in the batch by :func:`collate_fn`). ``meta`` holds
+    ``path``, ``image_id`` (index), ``orig_shape`` ``(h0, w0)``, ``ratio`` (resize gain) and
+    ``pad`` ``(padw, padh)``: a letterboxed point maps back by ``(x - padw) / ratio``. With
+    ``augment=True`` the meta still describes the plain letterbox; the random geometry on top
+    of it is not meant to be undone.
+    """
+
+    def __init__(
+        self,
+        image_paths: Sequence[str | os.PathLike],
+        imgsz: int = 640,
+        augment: bool = False,
+        hyp: Mapping[str, object] | None = None,
+        cache: str = "none",
+        names: Sequence[str] | None = None,
+        nc: int | None = None,
+        prefix: str = "",
+    ) -> None:
+        if cache not in ("none", "ram"):
+            raise FinetuneError(f"--cache {cache!r} is not supported; use 'none' or 'ram'")
+        if imgsz < 32:
+            raise FinetuneError(f"image size {imgsz} is too small; pass --imgsz 32 or more")
+        self.imgsz = int(imgsz)
+        self.augment = bool(augment)
+        self.hyp = resolve_hyp(hyp)
+        self.names = list(names) if names is not None else None
+        self.nc = nc if nc is not None else (len(self.names) if self.names else None)
+        self.prefix = prefix
+        self.cache = cache
+        self.skipped: list[tuple[str, str]] = []  # (path, reason) of dropped images
+        self._warned: set[str] = set()
+
+        self.image_paths, self.labels = self._verify([Path(p) for p in image_paths])
+        self._ram: list[tuple[torch.Tensor, tuple[int, int]]] | None = None
+        if cache == "ram":
+            self._fill_ram_cache()
+        self.stats = self._count()
+
+    # ------------------------------------------------------------------ construction
+    def _verify(self, paths: list[Path]) -> tuple[list[Path], list[np.ndarray]]:
+        """Keep images PIL can identify (and JPEGs that are not truncated); read their labels."""
+        kept, labels = [], []
+        self._bad_lines = 0
+        for path in paths:
+            reason = verify_image(path)
+            if reason:
+                self.skipped.append((str(path), reason))
+                continue
+            boxes, bad = read_label_file(label_path_for(path), self.nc)
+            self._bad_lines += bad
+            kept.append(path)
+            labels.append(boxes)
+        return kept, labels
+
+    def _fill_ram_cache(self) -> None:
+        """Decode every image once (resized to the longest side = imgsz) into memory.
+
+        Decoding doubles as a full verify: an image libjpeg/libpng rejects is dropped here.
+        Threads help because torchvision's decoders and resize release the GIL.
+        """
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            loaded = list(pool.map(self._decode_resized, self.image_paths))
+        keep = [i for i, item in enumerate(loaded) if item is not None]
+        for i, item in enumerate(loaded):
+            if item is None:
+                self.skipped.append((str(self.image_paths[i]), "cannot be decoded"))
+        self.image_paths = [self.image_paths[i] for i in keep]
+        self.labels = [self.labels[i] for i in keep]
+        self._ram = [loaded[i] for i in keep]  # type: ignore[misc]
+
+    def _count(self) -> dict[str, int]:
+        return {
+            "images": len(self.image_paths),
+            "skipped_images": len(self.skipped),
+            "labels": int(sum(len(lab) for lab in self.labels)),
+            "skipped_label_lines": self._bad_lines,
+            "empty_images": int(sum(1 for lab in self.labels if len(lab) == 0)),
+        }
+
+    def summary(self) -> str:
+        """One log line: what was kept and what was skipped (with a few examples)."""
+        s = self.stats
+        text = (
+            f"{self.prefix}{s['images']} images, {s['labels']} labels, "
+            f"{s['empty_images']} background images, "
+            f"{s['skipped_images']} corrupt images skipped, "
+            f"{s['skipped_label_lines']} bad label lines skipped"
+        )
+        if self.cache == "ram" and self._ram is not None:
+            text += f", {self.ram_bytes() / 2**20:.0f} MiB cached in RAM"
+        if self.skipped:
+            examples = "; ".join(f"{Path(p).name}: {r}" for p, r in self.skipped[:_MAX_EXAMPLES])
+            text += f" (e.g. {examples})"
+        return text
+
+    def ram_bytes(self) -> int:
+        """Bytes held by the RAM cache (0 without one)."""
+        if not self._ram:
+            return 0
+        return sum(img.numel() for img, _ in self._ram)
+
+    # ------------------------------------------------------------------ loading
+    def _decode_resized(self, path: Path) -> tuple[torch.Tensor, tuple[int, int]] | None:
+        """Decoded RGB uint8 image resized to longest side = imgsz, and its original (h, w)."""
+        image = decode_rgb(path)
+        if image is None:
+            return None
+        orig_shape = (int(image.shape[1]), int(image.shape[2]))
+        resized, _ = resize_longest(image, self.imgsz)
+        return resized.contiguous(), orig_shape
+
+    def load_resized(self, index: int) -> tuple[torch.Tensor, tuple[int, int], bool]:
+        """(resized image, original (h, w), ok) for ``index``, from the cache or disk.
+
+        A file that passed the header check but fails to decode (or vanished) must not kill a
+        multi-hour run: it comes back as a gray image with ``ok=False`` (so its labels are
+        ignored), logged once per worker.
+        """
+        if self._ram is not None:
+            image, orig_shape = self._ram[index]
+            return image, orig_shape, True
+        loaded = self._decode_resized(self.image_paths[index])
+        if loaded is not None:
+            return loaded[0], loaded[1], True
+        path = str(self.image_paths[index])
+        if path not in self._warned:
+            self._warned.add(path)
+            log.warning("%scannot decode %s; using a blank image without labels", self.prefix, path)
+        blank = torch.full((3, self.imgsz, self.imgsz), PAD_VALUE, dtype=torch.uint8)
+        return blank, (self.imgsz, self.imgsz), False
+
+    def _labels_tensor(self, index: int, ok: bool) -> torch.Tensor:
+        labels = self.labels[index] if ok else self.labels[index][:0]
+        return torch.from_numpy(labels)
+
+    def _letterboxed(self, index: int):
+        """(image [3,S,S], boxes xyxy px, classes, orig_shape, ratio, pad) for one index."""
+        resized, orig_shape, ok = self.load_resized(index)
+        ratio = self.imgsz / max(orig_shape)
+        image, pad = pad_to_square(resized, self.imgsz)
+        labels_t = self._labels_tensor(index, ok)
+        boxes = normalized_to_letterbox(labels_t[:, 1:5], orig_shape, ratio, pad)
+        return image, boxes, labels_t[:, 0].clone(), orig_shape, ratio, pad
+
+    def _mosaic_tiles(self, index: int):
+        """Four (resized image, boxes px on it, classes) tiles: ``index`` and three random others."""
+        others = torch.randint(len(self), (3,)).tolist()
+        tiles = []
+        for i in [index, *others]:
+            resized, orig_shape, ok = self.load_resized(i)
+            ratio = self.imgsz / max(orig_shape)
+            labels_t = self._labels_tensor(i, ok)
+            boxes = normalized_to_letterbox(labels_t[:, 1:5], orig_shape, ratio, (0, 0))
+            tiles.append((resized, boxes, labels_t[:, 0].clone()))
+        return tiles
+
+    # ------------------------------------------------------------------ Dataset API
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, index: int):
+        image, boxes, classes, orig_shape, ratio, pad = self._letterboxed(index)
+        if self.augment:
+            if self.hyp["mosaic"] > 0 and float(torch.rand(())) < self.hyp["mosaic"]:
+                image, boxes, classes = mosaic4(self._mosaic_tiles(index), self.imgsz)
+            image, boxes, classes = augment_sample(image, boxes, classes, self.hyp, self.imgsz)
+        targets = torch.zeros((len(boxes), 6), dtype=torch.float32)
+        if len(boxes):
+            targets[:, 1] = classes
+            targets[:, 2:] = xyxy_to_xywhn(boxes.float(), self.imgsz, self.imgsz).clamp_(0, 1)
+        meta = {
+            "path": str(self.image_paths[index]),
+            "image_id": int(index),
+            "orig_shape": orig_shape,
+            "ratio": float(ratio),
+            "pad": pad,
+        }
+        return image.contiguous(), targets, meta
+
+
+# ---------------------------------------------------------------------- file checks
+def verify_image(path: Path) -> str | None:
+    """Why ``path`` is not a usable image, or None. Header-level only, so it is cheap.
+
+    PIL identifies the format and size without decoding; a JPEG must also end with the EOI
+    marker, which catches the commonest corruption (a partial download or copy).
+    """
+    try:
+        with Image.open(path) as im:
+            im.verify()
+            width, height = im.size
+            fmt = im.format
+    except FileNotFoundError:
+        return "file not found"
+    except Exception as exc:  # PIL raises many types for garbage input
+        return f"not an image ({type(exc).__name__})"
+    if width < 2 or height < 2:
+        return f"too small ({width}x{height})"
+    if fmt == "JPEG":
+        try:
+            with open(path, "rb") as f:
+                f.seek(-2, os.SEEK_END)
+                if f.read() != b"\xff\xd9":
+                    return "truncated JPEG"
+        except OSError as exc:
+            return f"unreadable ({exc.strerror})"
+    return None
+
+
+def decode_rgb(path: Path) -> torch.Tensor | None:
+    """RGB uint8 ``[3, H, W]`` via torchvision's libjpeg-turbo/libpng decoders; EXIF
+    orientation applied, as labelling tools display it. PIL only for formats torchvision
+    can't decode (BMP, TIFF). None when the file is unreadable."""
+    try:
+        if path.suffix.lower() in _TORCHVISION_DECODES:
+            data = tio.read_file(str(path))
+            return tio.decode_image(data, mode=tio.ImageReadMode.RGB, apply_exif_orientation=True)
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("RGB"))
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    except Exception:  # corrupt data raises RuntimeError/OSError/ValueError, varying by codec
+        return None
+
+
+def read_label_file(path: Path, nc: int | None) -> tuple[np.ndarray, int]:
+    """Valid ``class cx cy w h`` rows as float32 ``[n, 5]`` and the number of lines dropped.
+
+    A missing file means a background image (zero rows, nothing dropped).
+    """
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return np.zeros((0, 5), np.float32), 0
+    except OSError:
+        return np.zeros((0, 5), np.float32), 1
+    rows, bad = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        row = parse_label_line(line, nc)
+        if row is None:
+            bad += 1
+        else:
+            rows.append(row)
+    return (np.array(rows, np.float32).reshape(-1, 5), bad)
+
+
+def parse_label_line(line: str, nc: int | None) -> list[float] | None:
+    """One label line → ``[class, cx, cy, w, h]`` (box clipped to the image), or None if bad."""
+    parts = line.split()
+    if len(parts) != 5:
+        return None
+    try:
+        cls, cx, cy, w, h = (float(p) for p in parts)
+    except ValueError:
+        return None
+    if not all(math.isfinite(v) for v in (cls, cx, cy, w, h)):
+        return None
+    if not cls.is_integer() or cls < 0 or (nc is not None and cls >= nc):
+        return None
+    low, high = -COORD_TOLERANCE, 1 + COORD_TOLERANCE
+    if not all(low <= v <= high for v in (cx, cy, w, h)) or w <= 0 or h <= 0:
+        return None
+    x1, y1 = max(cx - w / 2, 0.0), max(cy - h / 2, 0.0)
+    x2, y2 = min(cx + w / 2, 1.0), min(cy + h / 2, 1.0)
+    if x2 <= x1 or y2 <= y1:
+        return None
+    return [cls, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]
+
+
+# ---------------------------------------------------------------------- batching
+def collate_fn(batch):
+    """Stack images; concatenate targets with column 0 = the image's index in the batch."""
+    images, targets, metas = zip(*batch)
+    for i, t in enumerate(targets):
+        t[:, 0] = i
+    return torch.stack(images), torch.cat(targets, 0), list(metas)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed numpy/random from torch's per-worker seed so any library we call is reproducible.
+
+    (Our own augmentation draws from torch, which DataLoader already seeds per worker.)
+    """
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_dataloader(
+    dataset: Dataset,
+    batch_size: int,
+    workers: int,
+    shuffle: bool,
+    distributed: bool,
+    seed: int = 0,
+    drop_last: bool = False,
+    num_replicas: int | None = None,
+    rank: int | None = None,
+) -> tuple[DataLoader, DistributedSampler | None]:
+    """A DataLoader over ``dataset`` with ``batch_size`` images per rank.
+
+    With ``distributed`` each rank reads its own shard through a ``DistributedSampler``
+    (call ``sampler.set_epoch(epoch)`` every epoch so the shuffle changes); ``num_replicas``
+    and ``rank`` default to the process group's. Worker seeds derive from ``seed`` and the
+    rank, so augmentation is reproducible and differs between ranks. With ``workers=0`` the
+    caller's ``torch.manual_seed`` governs augmentation.
+    """
+    sampler = None
+    rank_for_seed = 0
+    if distributed:
+        sampler = DistributedSampler(
+            dataset,
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+        )
+        rank_for_seed = sampler.rank
+    generator = torch.Generator()
+    generator.manual_seed(seed + 1_000_003 * rank_for_seed)
+    return (
+        DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=drop_last,
+            collate_fn=collate_fn,
+            worker_init_fn=_seed_worker,
+            generator=generator,
+            persistent_workers=workers > 0,
+        ),
+        sampler,
+    )

@@ -1,0 +1,233 @@
+"""The YOLOv5 detection model: config parsing, the Detect head and DetectionModel.
+
+Module ``i`` of the config is ``model.model[i]`` (state-dict prefix ``model.{i}.``), which
+is what makes Ultralytics YOLOv5 checkpoints load unchanged and what ``--freeze N``
+counts. Each module records its index ``.i`` and its input(s) ``.f``.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from finetune.errors import FinetuneError
+from finetune.models.common import C3, SPPF, Bottleneck, Concat, Conv
+from finetune.models.config import load_model_config
+
+STRIDE_PROBE_SIZE = 256  # input side used to measure each level's stride at build time
+
+
+class Detect(nn.Module):
+    """Per-level 1x1 convs predicting ``na * (nc + 5)`` channels, plus box decoding.
+
+    ``anchors`` is a persistent buffer (it is in Ultralytics' state dict) of shape
+    ``(nl, na, 2)``, in grid units once the model has measured its strides.
+    """
+
+    def __init__(self, nc: int = 80, anchors: list | tuple = (), ch: list | tuple = ()):
+        super().__init__()
+        self.nc = nc
+        self.no = nc + 5  # outputs per anchor: x, y, w, h, objectness, classes
+        self.nl = len(anchors)
+        self.na = len(anchors[0]) // 2
+        self.register_buffer("anchors", torch.tensor(anchors, dtype=torch.float32).view(self.nl, -1, 2))
+        # Not in the state dict (as in Ultralytics); a buffer so it follows .to(device).
+        self.register_buffer("stride", torch.ones(self.nl), persistent=False)
+        self.m = nn.ModuleList(nn.Conv2d(c, self.no * self.na, 1) for c in ch)
+        self._grid_cache: dict[tuple, torch.Tensor] = {}
+
+    def forward(self, xs: list[torch.Tensor]):
+        """Train mode: raw maps ``(bs, na, ny, nx, no)`` per level; eval: ``(pred, raw)``."""
+        raw = []
+        for conv, x in zip(self.m, xs):
+            y = conv(x)
+            bs, _, ny, nx = y.shape
+            raw.append(y.view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous())
+        if self.training:
+            return raw
+        return torch.cat([self._decode(i, p) for i, p in enumerate(raw)], 1), raw
+
+    def _decode(self, i: int, p: torch.Tensor) -> torch.Tensor:
+        """Boxes as xywh in input pixels, sigmoid objectness and class scores."""
+        bs, na, ny, nx, no = p.shape
+        stride = self.stride[i].to(p.dtype)
+        anchor_px = (self.anchors[i] * self.stride[i]).view(1, na, 1, 1, 2).to(p.dtype)
+        s = p.sigmoid()
+        xy = (s[..., :2] * 2 + self._grid(ny, nx, p.device, p.dtype)) * stride
+        wh = (s[..., 2:4] * 2) ** 2 * anchor_px
+        return torch.cat((xy, wh, s[..., 4:]), -1).view(bs, -1, no)
+
+    def _grid(self, ny: int, nx: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Cell offsets minus 0.5, shape ``(1, 1, ny, nx, 2)``; cached per size/device/dtype.
+
+        The key holds strings, not device/dtype objects, so a pickled model stays plain.
+        """
+        key = (ny, nx, str(device), str(dtype))
+        grid = self._grid_cache.get(key)
+        if grid is None:
+            ys = torch.arange(ny, device=device, dtype=dtype)
+            xs = torch.arange(nx, device=device, dtype=dtype)
+            yv, xv = torch.meshgrid(ys, xs, indexing="ij")
+            grid = (torch.stack((xv, yv), 2) - 0.5).view(1, 1, ny, nx, 2)
+            self._grid_cache[key] = grid
+        return grid
+
+
+def make_divisible(x: float, divisor: int = 8) -> int:
+    """Round channel counts up to a multiple of ``divisor`` (hardware-friendly widths)."""
+    return int(math.ceil(x / divisor) * divisor)
+
+
+_MODULES: dict[str, type[nn.Module]] = {
+    "Conv": Conv, "Bottleneck": Bottleneck, "C3": C3, "SPPF": SPPF, "Concat": Concat,
+    "Detect": Detect, "Upsample": nn.Upsample, "nn.Upsample": nn.Upsample,
+}
+_SCALED = ("Conv", "Bottleneck", "C3", "SPPF")  # modules whose args[0] is an output width
+
+
+def _resolve_arg(a: Any, cfg: dict) -> Any:
+    """YAML args may name top-level config values ('nc', 'anchors') or spell None."""
+    if isinstance(a, str):
+        if a in ("nc", "anchors"):
+            return cfg[a]
+        if a == "None":
+            return None
+    return a
+
+
+def parse_model(cfg: dict, ch: int) -> tuple[nn.Sequential, list[int]]:
+    """Build the module list from a config; also return indices whose outputs are reused."""
+    gd, gw = cfg["depth_multiple"], cfg["width_multiple"]
+    widths: list[int] = []  # output channels of each module built so far
+    layers, save = [], set()
+    for i, (f, n, name, args) in enumerate(cfg["backbone"] + cfg["head"]):
+        args = [_resolve_arg(a, cfg) for a in args]
+        n = max(round(n * gd), 1) if n > 1 else n
+        sources = f if isinstance(f, list) else [f]
+        source_widths = [ch if (j == -1 and i == 0) else widths[j] for j in sources]
+        c1 = source_widths[0]
+        if name in _SCALED:
+            c2 = make_divisible(args[0] * gw)
+            args = [c1, c2, *args[1:]]
+            if name == "C3":  # C3 repeats its bottlenecks internally
+                args.insert(2, n)
+                n = 1
+        elif name == "Concat":
+            c2 = sum(source_widths)
+        elif name == "Detect":
+            args = [args[0], args[1], source_widths]
+            c2 = 0
+        else:  # Upsample keeps the width
+            c2 = c1
+        cls = _MODULES[name]
+        module = nn.Sequential(*(cls(*args) for _ in range(n))) if n > 1 else cls(*args)
+        module.i, module.f = i, f
+        save.update(j % i for j in sources if j != -1)
+        layers.append(module)
+        widths.append(c2)
+    return nn.Sequential(*layers), sorted(save)
+
+
+class DetectionModel(nn.Module):
+    """YOLOv5 detector built from a config dict, built-in name or YAML path.
+
+    ``frozen_depth`` (set by ``finetune.freeze.freeze_modules``) makes forward run modules
+    ``0..frozen_depth-1`` without autograd and, when ``freeze_bn`` is true, keeps their
+    BatchNorm layers in eval mode through every ``train()`` call.
+    """
+
+    def __init__(self, cfg: dict | str = "yolov5s", nc: int | None = None, ch: int = 3):
+        super().__init__()
+        self.yaml = load_model_config(cfg)
+        if nc is not None:
+            if isinstance(nc, bool) or not isinstance(nc, int) or nc < 1:
+                raise FinetuneError(f"number of classes must be a positive integer, got {nc!r}")
+            self.yaml["nc"] = nc
+        ch = self.yaml["ch"] = self.yaml.get("ch", ch)
+        self.model, self.save = parse_model(self.yaml, ch)
+        self.nc = self.yaml["nc"]
+        self.names = [str(i) for i in range(self.nc)]
+        self.frozen_depth = 0
+        self.freeze_bn = True
+        self.stride = self._measure_strides(ch)
+        detect = self.detect
+        detect.stride.copy_(self.stride.to(detect.stride.device))
+        detect.anchors.div_(detect.stride.view(-1, 1, 1))
+        self._initialize_biases()
+
+    @property
+    def detect(self) -> Detect:
+        return self.model[-1]
+
+    def forward(self, x: torch.Tensor):
+        """Train mode: list of raw maps per level; eval mode: ``(pred, raw)``."""
+        return self._forward_once(x)
+
+    def _forward_once(self, x: torch.Tensor):
+        outputs: list[torch.Tensor | None] = []
+        for m in self.model:
+            if m.f != -1:
+                x = outputs[m.f] if isinstance(m.f, int) else [x if j == -1 else outputs[j] for j in m.f]
+            # Frozen modules need no autograd graph: nothing before them trains, so their
+            # activations are never needed for backward (saves memory and time).
+            with torch.no_grad() if m.i < self.frozen_depth else nullcontext():
+                x = m(x)
+            outputs.append(x if m.i in self.save else None)
+        return x
+
+    def _measure_strides(self, ch: int) -> torch.Tensor:
+        """Each level's stride = probe size / its output-map size.
+
+        The probe forward runs with every parameter and buffer swapped for a meta-device
+        copy: only shapes are computed, so it costs nothing even for yolov5x, and the
+        real BN statistics are untouched. Eval mode keeps BN from updating anything.
+        """
+        was_training = self.training
+        self.train(False)
+        try:
+            meta_state = {name: t.to("meta") for name, t in
+                          [*self.named_parameters(), *self.named_buffers()]}
+            probe = torch.zeros(1, ch, STRIDE_PROBE_SIZE, STRIDE_PROBE_SIZE, device="meta")
+            with torch.no_grad():
+                _, raw = torch.func.functional_call(self, meta_state, (probe,))
+        finally:
+            self.train(was_training)
+            self.detect._grid_cache.clear()  # drop the meta-device grids
+        return torch.tensor([STRIDE_PROBE_SIZE / r.shape[2] for r in raw],
+                            dtype=torch.float32, device="cpu")
+
+    def _initialize_biases(self) -> None:
+        """Objectness prior ~8 objects per 640px image; class prior ~0.6/nc."""
+        detect = self.detect
+        with torch.no_grad():
+            for conv, s in zip(detect.m, self.stride.tolist()):
+                b = conv.bias.view(detect.na, -1)
+                b[:, 4] += math.log(8 / (640 / s) ** 2)
+                b[:, 5:] += math.log(0.6 / (detect.nc - 0.99))
+
+    def train(self, mode: bool = True) -> "DetectionModel":
+        """Like nn.Module.train, but frozen BatchNorm layers stay in eval mode when asked.
+
+        YOLOv5 lets frozen layers' running statistics drift during fine-tuning; with
+        ``freeze_bn`` they stay exactly as pretrained.
+        """
+        super().train(mode)
+        if mode and self.freeze_bn and self.frozen_depth:
+            for m in self.model[: self.frozen_depth]:
+                for sub in m.modules():
+                    if isinstance(sub, _BatchNorm):
+                        sub.eval()
+        return self
+
+
+Model = DetectionModel  # the name older Ultralytics code uses
+
+
+def build_model(name_or_cfg: str | dict, nc: int | None = None, ch: int = 3) -> DetectionModel:
+    """Build a model from a built-in name, a YAML path or a config dict."""
+    return DetectionModel(name_or_cfg, nc=nc, ch=ch)

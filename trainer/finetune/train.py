@@ -1,0 +1,453 @@
+"""Fine-tuning loop: build steps, `train_one_epoch`, `evaluate`, checkpoints.
+
+Reads top to bottom like torchvision's detection references: `init_distributed()` from
+torchrun's environment, build the data, model, optimizer and schedule, then one loop over
+epochs that trains, validates (with the EMA weights), writes `last.pt`/`best.pt` on rank 0
+and publishes metrics. The same function runs alone or under `torchrun`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
+
+from . import __version__
+from .checkpoint import CHECKPOINT_FORMAT, load_resume_checkpoint, save_checkpoint, write_json, write_results_csv
+from .config import TrainConfig
+from .data.config import load_data_config
+from .data.dataset import YoloDataset, build_dataloader
+from .distributed import DistInfo, all_gather_object, all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
+from .errors import FinetuneError
+from .evaluate import evaluate
+from .freeze import freeze_modules, set_train_mode
+from .loss import YoloLoss
+from .models import build_model
+from .models.config import load_model_config, resolve_freeze
+from .progress import RunLogger
+from .telemetry import MemorySample, TrainingMetrics, finetune_name, reset_peak_memory
+
+log = logging.getLogger("finetune")
+
+LOSS_NAMES = ("box", "obj", "cls")
+
+
+# --------------------------------------------------------------------------- build steps
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """`auto` = bf16 where the GPU supports it, fp16 on older GPUs, off on the CPU."""
+    if amp == "off" or device.type != "cuda":
+        if amp in ("bf16", "fp16") and device.type != "cuda":
+            log.warning("--amp %s ignored: mixed precision is only used on CUDA", amp)
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def lr_lambda(schedule: str, epochs: int, lrf: float):
+    """Per-epoch LR multiplier going from 1 to `lrf` (cosine or linear)."""
+    if schedule == "linear":
+        return lambda e: (1 - e / epochs) * (1.0 - lrf) + lrf
+    return lambda e: ((1 - math.cos(e * math.pi / epochs)) / 2) * (lrf - 1) + 1
+
+
+def build_optimizer(model: nn.Module, name: str, hyp: dict[str, float], batch: int, accumulate: int):
+    """Three parameter groups as in YOLOv5: decayed weights, BatchNorm weights and biases
+    (neither decayed). Frozen parameters are left out entirely."""
+    decay, no_decay_bn, biases = [], [], []
+    for module in model.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if pname == "bias":
+                biases.append(p)
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                no_decay_bn.append(p)
+            else:
+                decay.append(p)
+    weight_decay = hyp["weight_decay"] * batch * accumulate / hyp["nbs"]
+    groups = [
+        {"params": no_decay_bn, "weight_decay": 0.0, "group": "bn"},
+        {"params": decay, "weight_decay": weight_decay, "group": "weights"},
+        {"params": biases, "weight_decay": 0.0, "group": "bias"},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise FinetuneError("every parameter is frozen: lower --freeze so that at least the Detect layer trains")
+    if name == "AdamW":
+        return torch.optim.AdamW(groups, lr=hyp["lr0"], betas=(hyp["momentum"], 0.999))
+    return torch.optim.SGD(groups, lr=hyp["lr0"], momentum=hyp["momentum"], nesterov=True)
+
+
+def build_ema(model: nn.Module, decay: float, tau: float) -> AveragedModel:
+    """Exponential moving average of weights and buffers with YOLOv5's decay ramp
+    d = decay * (1 - exp(-updates / tau)), so early updates follow the model closely.
+    torch's AveragedModel handles the bookkeeping; only the ramp is ours."""
+
+    def ema_update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        d = decay * (1 - math.exp(-float(num_averaged) / tau))
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1.0 - d)
+        else:  # integer buffers (BatchNorm's num_batches_tracked) are copied, not averaged
+            for a, c in zip(averaged, current):
+                a.copy_(c)
+
+    ema = AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
+    ema.requires_grad_(False)
+    return ema
+
+
+@dataclass
+class RunState:
+    """What survives a restart, beside the weights and optimizer: saved in last.pt."""
+
+    start_epoch: int = 0
+    best_fitness: float = -1.0
+    best_epoch: int = -1
+    epochs_without_improvement: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+
+
+# --------------------------------------------------------------------------- one epoch
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: YoloLoss,
+    ema: AveragedModel,
+    epoch: int,
+    cfg: TrainConfig,
+    info: DistInfo,
+    amp_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler,
+    lf,
+    on_step=None,
+) -> dict[str, float]:
+    """One pass over this rank's shard; returns mean losses and throughput."""
+    hyp = cfg.hyperparameters
+    num_batches = len(loader)
+    warmup_iters = round(hyp["warmup_epochs"] * num_batches)
+    accumulate_target = max(round(hyp["nbs"] / cfg.batch), 1)
+    set_train_mode(model)
+    loss_sum = torch.zeros(3)
+    images = 0
+    last_step = -1
+    t0 = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for i, (imgs, targets, _metas) in enumerate(loader):
+        ni = i + num_batches * epoch  # iterations since the start of training
+        accumulate = accumulate_target
+        if ni <= warmup_iters and warmup_iters > 0:
+            accumulate = max(1, round(float(_interp(ni, warmup_iters, 1, hyp["nbs"] / cfg.batch))))
+            for group in optimizer.param_groups:
+                start_lr = hyp["warmup_bias_lr"] if group.get("group") == "bias" else 0.0
+                group["lr"] = _interp(ni, warmup_iters, start_lr, group["initial_lr"] * lf(epoch))
+                if "momentum" in group:
+                    group["momentum"] = _interp(ni, warmup_iters, hyp["warmup_momentum"], hyp["momentum"])
+        imgs = imgs.to(info.device, non_blocking=True).float().div_(255)
+        targets = targets.to(info.device)
+        with torch.autocast(info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            preds = model(imgs)
+        loss, loss_items = loss_fn([p.float() for p in preds], targets)
+        if info.distributed:
+            loss = loss * info.world_size  # DDP averages gradients across ranks
+        scaler.scale(loss).backward()
+        if ni - last_step >= accumulate or i == num_batches - 1:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update_parameters(_unwrap(model))
+            last_step = ni
+        loss_sum += loss_items.detach().cpu()
+        images += imgs.shape[0]
+        if on_step is not None:
+            on_step(i + 1, num_batches, loss_sum / (i + 1), images)
+    elapsed = time.perf_counter() - t0
+    mean = all_reduce_mean(loss_sum / max(num_batches, 1), info)
+    total_images = sum(all_gather_object(images, info))
+    slowest = max(all_gather_object(elapsed, info))
+    return {
+        **{n: float(v) for n, v in zip(LOSS_NAMES, mean)},
+        "images": total_images,
+        "train_time_s": slowest,
+        "images_per_second": total_images / slowest if slowest > 0 else 0.0,
+    }
+
+
+def _interp(x: float, x1: float, y0: float, y1: float) -> float:
+    return y0 + (y1 - y0) * min(max(x / x1, 0.0), 1.0)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+# --------------------------------------------------------------------------- the run
+class Trainer:
+    def __init__(self, cfg: TrainConfig, info: DistInfo):
+        self.cfg = cfg
+        self.info = info
+        self.out = cfg.out
+        self.logger = RunLogger(cfg, info)
+
+    # ---- build
+    def build(self) -> None:
+        cfg, info = self.cfg, self.info
+        if cfg.batch % info.world_size:
+            raise FinetuneError(f"--batch {cfg.batch} is not divisible by the world size {info.world_size} "
+                                f"(nodes x processes per node); choose a multiple of {info.world_size}")
+        self.batch_per_rank = cfg.batch // info.world_size
+        seed_everything(cfg.seed + info.rank)
+        self.hyp = cfg.hyperparameters
+        self.data_cfg = load_data_config(cfg.data)
+        self.model_cfg = load_model_config(cfg.model)
+        self.freeze_depth = resolve_freeze(cfg.freeze, self.model_cfg)
+        self.resume_ckpt = self._find_resume()
+
+        model = build_model(self.model_cfg, nc=self.data_cfg.nc)
+        model.names = list(self.data_cfg.names)
+        if self.resume_ckpt is None and cfg.weights is not None:
+            from .models.weights import load_pretrained
+
+            load_pretrained(model, cfg.weights, log)
+        self.freeze_info = freeze_modules(model, self.freeze_depth, freeze_bn=cfg.freeze_bn)
+        self.model = model.to(info.device)
+        frozen_desc = f"modules 0..{self.freeze_depth - 1} frozen" if self.freeze_depth else "no modules frozen"
+        self.logger.info(
+            f"model {cfg.model}: {self.freeze_info.frozen_params + self.freeze_info.trainable_params:,} parameters, "
+            f"freeze {cfg.freeze} -> {frozen_desc} ({self.freeze_info.frozen_params:,} frozen, "
+            f"{self.freeze_info.trainable_params:,} trainable), frozen BatchNorm statistics "
+            f"{'fixed' if cfg.freeze_bn else 'updating'}"
+        )
+
+        self.accumulate = max(round(self.hyp["nbs"] / cfg.batch), 1)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.hyp, cfg.batch, self.accumulate)
+        self.lf = lr_lambda(cfg.lr_schedule, cfg.epochs, self.hyp["lrf"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lf)
+        self.amp_dtype = resolve_amp(cfg.amp, info.device)
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = build_ema(self.model, self.hyp["ema_decay"], self.hyp["ema_tau"])
+        self.state = RunState()
+        if self.resume_ckpt is not None:
+            self._restore(self.resume_ckpt)
+        self.ddp_model = (DistributedDataParallel(self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+                          if info.distributed else self.model)
+
+        self.train_set = YoloDataset(self.data_cfg.train, cfg.imgsz, augment=True, hyp=self.hyp, cache=cfg.cache,
+                                     nc=self.data_cfg.nc)
+        self.val_set = YoloDataset(self.data_cfg.val, cfg.imgsz, augment=False, cache=cfg.cache, nc=self.data_cfg.nc)
+        if self.train_set.stats.get("labels", 0) == 0:
+            raise FinetuneError(f"no labels found for the training images of {cfg.data}: expected YOLO label files "
+                                f"(labels/<image>.txt next to images/) with 'class cx cy w h' lines")
+        self.logger.info(f"train: {self.train_set.summary()}")
+        self.logger.info(f"val: {self.val_set.summary()}")
+        self.train_loader, self.train_sampler = build_dataloader(
+            self.train_set, self.batch_per_rank, cfg.workers, shuffle=True, distributed=info.distributed,
+            seed=cfg.seed, drop_last=False)
+        self.val_loader, _ = build_dataloader(
+            self.val_set, self.batch_per_rank, cfg.workers, shuffle=False, distributed=info.distributed, seed=cfg.seed)
+        self.loss_fn = YoloLoss.from_model(self.model, self.hyp, cfg.imgsz)
+
+        self.metrics = None
+        if info.is_main and cfg.metrics_port is not None:
+            self.metrics = TrainingMetrics(finetune_name(cfg.name))
+            self.metrics.serve(cfg.metrics_port)
+            self.logger.info(f"metrics: http://0.0.0.0:{cfg.metrics_port}/metrics")
+        if self.metrics:
+            self.metrics.set_run(cfg.epochs, self.freeze_info.frozen_params, self.freeze_info.trainable_params)
+            self.metrics.set_progress(self.state.start_epoch, {}, 0.0)
+
+    def _find_resume(self) -> dict | None:
+        last = self.out / "last.pt"
+        if self.cfg.resume == "must" or (self.cfg.resume == "auto" and last.is_file()):
+            ckpt = load_resume_checkpoint(last)
+            self.logger.info(f"resuming from {last}: {ckpt['epoch']} of {self.cfg.epochs} epochs done")
+            return ckpt
+        if last.is_file():
+            raise FinetuneError(f"{self.out} already holds a run (last.pt); pass --resume to continue it "
+                                f"or choose another --out")
+        return None
+
+    def _restore(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.module.load_state_dict(ckpt["ema"])
+        self.ema.n_averaged.fill_(ckpt["ema_updates"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        s = ckpt["run_state"]
+        self.state = RunState(start_epoch=ckpt["epoch"], best_fitness=s["best_fitness"], best_epoch=s["best_epoch"],
+                              epochs_without_improvement=s["epochs_without_improvement"],
+                              history=list(ckpt.get("history", [])), best_metrics=dict(s.get("best_metrics", {})),
+                              wall_time_s=s.get("wall_time_s", 0.0))
+
+    # ---- checkpoints
+    def _checkpoint(self, epoch_done: int, metrics: dict[str, float], with_training_state: bool) -> dict:
+        ckpt = {
+            "format": CHECKPOINT_FORMAT,
+            "version": __version__,
+            "epoch": epoch_done,
+            "model_yaml": self.model_cfg,
+            "nc": self.data_cfg.nc,
+            "names": list(self.data_cfg.names),
+            "ema": {k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()},
+            "metrics": metrics,
+            "freeze": {"depth": self.freeze_depth, "batchnorm_fixed": self.cfg.freeze_bn},
+            "train_config": self.cfg.to_dict(),
+        }
+        if with_training_state:
+            ckpt.update({
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "ema_updates": int(self.ema.n_averaged),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+                "history": self.state.history,
+                "run_state": {
+                    "best_fitness": self.state.best_fitness,
+                    "best_epoch": self.state.best_epoch,
+                    "epochs_without_improvement": self.state.epochs_without_improvement,
+                    "best_metrics": self.state.best_metrics,
+                    "wall_time_s": self.state.wall_time_s,
+                },
+            })
+        return ckpt
+
+    # ---- the loop
+    def fit(self) -> dict[str, Any]:
+        cfg, info = self.cfg, self.info
+        self.build()
+        stopped_early = False
+        for epoch in range(self.state.start_epoch, cfg.epochs):
+            epoch_start = time.perf_counter()
+            # Everything random in an epoch derives from (seed, epoch, rank), so a run resumed
+            # from last.pt replays the same epochs an uninterrupted run would.
+            seed_everything(cfg.seed + 1000 * epoch + info.rank)
+            if self.train_sampler is not None:
+                self.train_sampler.set_epoch(epoch)
+            reset_peak_memory(info.device)
+            stats = train_one_epoch(self.ddp_model, self.train_loader, self.optimizer, self.loss_fn, self.ema, epoch,
+                                    cfg, info, self.amp_dtype, self.scaler, self.lf,
+                                    on_step=self.logger.step_callback(epoch, cfg.epochs, self.metrics))
+            self.scheduler.step()
+            val_metrics, _preds, _metas = evaluate(self.ema.module, self.val_loader, info.device,
+                                                   conf_thres=self.hyp["conf_thres"], iou_thres=self.hyp["iou_thres"],
+                                                   amp_dtype=self.amp_dtype, distributed=info.distributed)
+            memory = all_gather_object(MemorySample.take(info.rank, info.device), info)
+            epoch_time = time.perf_counter() - epoch_start
+            self.state.wall_time_s += epoch_time
+            stopped_early = self._end_epoch(epoch, stats, val_metrics, memory, epoch_time)
+            stopped_early = broadcast_object(stopped_early, info)
+            if stopped_early:
+                break
+        barrier(info)
+        return self._finish(stopped_early)
+
+    def _end_epoch(self, epoch: int, stats: dict, val: dict, memory: list[MemorySample], epoch_time: float) -> bool:
+        """Rank 0 records the epoch: results, checkpoints, metrics. Returns: stop early?"""
+        cfg = self.cfg
+        if not self.info.is_main:
+            return False
+        peak = max(m.peak for m in memory)
+        fitness = val["map50_95"]
+        improved = fitness > self.state.best_fitness
+        if improved:
+            self.state.best_fitness, self.state.best_epoch = fitness, epoch + 1
+            self.state.epochs_without_improvement = 0
+        else:
+            self.state.epochs_without_improvement += 1
+        row = {
+            "epoch": epoch + 1,
+            "train/box_loss": stats["box"], "train/obj_loss": stats["obj"], "train/cls_loss": stats["cls"],
+            "metrics/precision": val["precision"], "metrics/recall": val["recall"],
+            "metrics/mAP_0.5": val["map50"], "metrics/mAP_0.5:0.95": val["map50_95"],
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_time_s": epoch_time, "train_time_s": stats["train_time_s"],
+            "images_per_second": stats["images_per_second"],
+            "memory_peak_bytes": peak, "memory_kind": memory[0].device_type,
+        }
+        self.state.history.append(row)
+        metrics = {"map50": val["map50"], "map50_95": val["map50_95"], "precision": val["precision"],
+                   "recall": val["recall"], "images_per_second": stats["images_per_second"],
+                   "memory_peak_bytes": peak}
+        if improved:
+            self.state.best_metrics = {**metrics, "epoch": epoch + 1}
+        last = self._checkpoint(epoch + 1, metrics, with_training_state=True)
+        save_checkpoint(last, self.out / "last.pt")
+        if improved:
+            save_checkpoint(self._checkpoint(epoch + 1, metrics, with_training_state=False), self.out / "best.pt")
+        write_results_csv(self.out / "results.csv", self.state.history)
+        if self.metrics:
+            self.metrics.set_progress(epoch + 1, stats, stats["images_per_second"])
+            self.metrics.set_validation(val)
+            self.metrics.set_memory(memory)
+        self.logger.epoch_end(epoch + 1, cfg.epochs, stats, val, peak, memory[0].device_type, epoch_time)
+        if cfg.patience and self.state.epochs_without_improvement >= cfg.patience:
+            self.logger.info(f"early stop: no mAP@0.5:0.95 improvement for {cfg.patience} epochs "
+                             f"(best {self.state.best_fitness:.4f} at epoch {self.state.best_epoch})")
+            return True
+        return False
+
+    def _finish(self, stopped_early: bool) -> dict[str, Any]:
+        history = self.state.history
+        summary = {
+            "name": self.cfg.name,
+            "model": self.cfg.model,
+            "freeze": self.cfg.freeze,
+            "freeze_depth": self.freeze_depth,
+            "freeze_batchnorm": self.cfg.freeze_bn,
+            "epochs": self.cfg.epochs,
+            "epochs_completed": len(history),
+            "stopped_early": stopped_early,
+            "final": history[-1] if history else {},
+            "best": self.state.best_metrics,
+            "best_epoch": self.state.best_epoch,
+            "frozen_parameters": self.freeze_info.frozen_params,
+            "trainable_parameters": self.freeze_info.trainable_params,
+            "wall_time_s": self.state.wall_time_s,
+            "device": str(self.info.device),
+            "world_size": self.info.world_size,
+            "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
+            "weights": str(self.cfg.weights) if self.cfg.weights else None,
+            "checkpoint": str(self.out / "best.pt"),
+        }
+        if self.info.is_main:
+            write_json(self.out / "metrics.json", summary)
+            self.logger.info(f"done: {len(history)} epochs, best mAP@0.5:0.95 {self.state.best_fitness:.4f} "
+                             f"(epoch {self.state.best_epoch}); results in {self.out}")
+        if self.metrics:
+            self.metrics.shutdown()
+        self.logger.close()
+        return summary
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run a fine-tune described by `cfg` (alone or as one torchrun rank)."""
+    info = init_distributed(cfg.device)
+    try:
+        return Trainer(cfg, info).fit()
+    finally:
+        cleanup(info)
