@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -50,9 +51,40 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.cluster)
 
 
+_BUILD_ERROR: str | None = None
+
+
+def pytest_collection_finish(session):
+    """Build the binaries once, before the first test, when a selected test needs them.
+
+    Done here rather than in the fixture so that the ~5-10 minute first build is not
+    counted against a test's pytest-timeout. A failure is reported by the fixture.
+    """
+    global _BUILD_ERROR
+    if not any(_CLUSTER_FIXTURES.intersection(getattr(i, "fixturenames", ())) for i in session.items):
+        return
+    bin_dir = cp_module.default_bin_dir()
+    if all((bin_dir / c).is_file() for c in cp_module.COMPONENTS):
+        return
+    tr = session.config.pluginmanager.get_plugin("terminalreporter")
+    say = (lambda line: tr.write_line(line)) if tr else (lambda line: print(line, file=sys.stderr))
+    say(f"building the Kubernetes control plane into {bin_dir} (once per machine) ...")
+    proc = subprocess.Popen(["bash", str(cp_module.BUILD_SCRIPT)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        say(line.rstrip())
+    if proc.wait() != 0:
+        _BUILD_ERROR = (f"{cp_module.BUILD_SCRIPT} failed (exit {proc.returncode}):\n"
+                        + "\n".join(lines[-50:]))
+
+
 @pytest.fixture(scope="session")
 def control_plane():
     """A running control plane for the whole session (fails loudly, never skips)."""
+    if _BUILD_ERROR:
+        pytest.fail(_BUILD_ERROR, pytrace=False)
     cp = cp_module.ControlPlane()
     try:
         cp.start()

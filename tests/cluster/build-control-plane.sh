@@ -18,7 +18,7 @@ BIN=$CACHE/bin
 WORK=$CACHE/work
 LOG=$CACHE/build.log
 BINARIES=(kube-apiserver kube-controller-manager kube-scheduler etcd)
-RUNTIME_PKGS=(etcd-server openssl)
+RUNTIME_PKGS=(openssl)   # bin/ holds a copy of Debian's (static) etcd
 BUILD_PKGS=(golang-go etcd-server golang-github-modern-go-reflect2-dev
             golang-github-json-iterator-go-dev dpkg-dev openssl ca-certificates)
 
@@ -64,7 +64,7 @@ ensure_pkgs() {
     apt-get install -y -qq --no-install-recommends $missing >>"$LOG" 2>&1
 }
 
-# Fast path: cached binaries. Only make sure etcd's package (libraries, user) is there.
+# Fast path: cached binaries.
 if have_binaries; then
     ensure_pkgs "${RUNTIME_PKGS[@]}"
     echo "$BIN"
@@ -72,7 +72,7 @@ if have_binaries; then
 fi
 
 exec 9>"$CACHE_ROOT/.build-v$K8S_VERSION.lock"
-say "waiting for build lock" ; flock 9
+flock -n 9 || { say "another build is running; waiting for its lock"; flock 9; }
 if have_binaries; then echo "$BIN"; exit 0; fi   # another process built it meanwhile
 
 START=$(date +%s)

@@ -107,10 +107,11 @@ RBAC rules for what the operator does inside a watched namespace. Shared by the 
 operator makes; nothing is "*".
 */}}
 {{- define "finetune-operator.workloadRules" -}}
-# Watch FineTunes; patch for kopf's finalizer and its progress annotations.
+# Watch FineTunes; patch for kopf's finalizer and its progress annotations; delete for
+# spec.ttlSecondsAfterFinished (the operator removes finished FineTunes itself).
 - apiGroups: ["finetune.dev"]
   resources: ["finetunes"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch", "update", "delete"]
 # Report phase, progress and metrics in .status.
 - apiGroups: ["finetune.dev"]
   resources: ["finetunes/status"]

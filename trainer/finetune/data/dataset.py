@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +39,15 @@ from finetune.data.config import label_path_for
 from finetune.errors import FinetuneError
 
 log = logging.getLogger(__name__)
+
+# torchvision 0.29 deprecates its image codecs in favour of TorchCodec and warns on every
+# decode. They are still the fastest decoders we have installed (libjpeg-turbo); silence just
+# that message so it does not flood worker logs. Migrate when torchvision removes them.
+warnings.filterwarnings(
+    "ignore",
+    message="The image decoding and encoding capabilities of TorchVision are deprecated",
+    category=DeprecationWarning,
+)
 
 COORD_TOLERANCE = 0.01  # labelling tools round; a box edge at 1.004 is still a good box
 _TORCHVISION_DECODES = {".jpg", ".jpeg", ".png", ".webp"}

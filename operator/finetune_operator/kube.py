@@ -1,0 +1,154 @@
+"""A small JSON client for the few API calls the reconciler makes.
+
+It reuses the ``kubernetes`` package's configuration (kubeconfig or in-cluster service
+account) and HTTP pool, but sends and returns plain dicts: manifests.py builds dicts, and the
+generated typed models would only convert them back and forth.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any, Mapping
+from urllib.parse import quote
+
+import kubernetes
+
+from . import manifests
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+def load_configuration() -> kubernetes.client.Configuration:
+    """In-cluster config inside a pod, else $KUBECONFIG / ~/.kube/config."""
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=configuration)
+    return configuration
+
+
+class Kube:
+    def __init__(self, configuration: kubernetes.client.Configuration | None = None, timeout: float = 10.0):
+        self.api = kubernetes.client.ApiClient(configuration or load_configuration())
+        self.timeout = timeout
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: Mapping[str, Any] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        method_, url, headers, body_, _ = self.api.param_serialize(
+            method, path,
+            query_params=list((query or {}).items()) or None,
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(method_, url, header_params=headers, body=body_,
+                                     _request_timeout=self.timeout)
+        data = response.read()
+        payload: dict[str, Any] = {}
+        if data:
+            try:
+                payload = json.loads(data)
+            except ValueError:
+                payload = {"message": data.decode(errors="replace")}
+        if response.status >= 400:
+            raise KubeError(response.status, str(payload.get("reason", "")), str(payload.get("message", "")))
+        return payload
+
+    # Paths -----------------------------------------------------------------------------------
+    @staticmethod
+    def finetune_path(namespace: str, name: str | None = None) -> str:
+        base = f"/apis/{manifests.GROUP}/{manifests.VERSION}/namespaces/{quote(namespace)}/{manifests.PLURAL}"
+        return f"{base}/{quote(name)}" if name else base
+
+    @staticmethod
+    def core_path(namespace: str, plural: str, name: str | None = None) -> str:
+        base = f"/api/v1/namespaces/{quote(namespace)}/{plural}"
+        return f"{base}/{quote(name)}" if name else base
+
+    # Calls -------------------------------------------------------------------------------------
+    def get_or_none(self, path: str) -> dict[str, Any] | None:
+        try:
+            return self.request("GET", path)
+        except KubeError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def get_finetune(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.get_or_none(self.finetune_path(namespace, name))
+
+    def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        result = self.request("GET", self.core_path(namespace, "pods"), query={"labelSelector": label_selector})
+        return list(result.get("items") or [])
+
+    def create(self, namespace: str, plural: str, body: Mapping[str, Any]) -> bool:
+        """Create; False if it already exists (409: another reconcile or a restarted operator)."""
+        try:
+            self.request("POST", self.core_path(namespace, plural), body=body)
+            return True
+        except KubeError as e:
+            if e.status == 409:
+                return False
+            raise
+
+    def delete(self, namespace: str, plural: str, name: str, uid: str | None = None) -> bool:
+        """Delete (background propagation); False if already gone. ``uid`` guards against
+        deleting a newer object that reused the name."""
+        body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        try:
+            self.request("DELETE", self.core_path(namespace, plural, name), body=body)
+            return True
+        except KubeError as e:
+            if e.status in (404, 409):
+                return False
+            raise
+
+    def patch_pod(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        try:
+            self.request("PATCH", self.core_path(namespace, "pods", name), body=patch,
+                         content_type="application/merge-patch+json")
+        except KubeError as e:
+            if e.status not in (404, 422):
+                raise
+
+    def patch_finetune(self, namespace: str, name: str, patch: Mapping[str, Any], *, status: bool = False) -> None:
+        path = self.finetune_path(namespace, name) + ("/status" if status else "")
+        self.request("PATCH", path, body=patch, content_type="application/merge-patch+json")
+
+    def delete_finetune(self, namespace: str, name: str, uid: str) -> None:
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background",
+                "preconditions": {"uid": uid}}
+        try:
+            self.request("DELETE", self.finetune_path(namespace, name), body=body)
+        except KubeError as e:
+            if e.status not in (404, 409):
+                raise
+
+
+_shared: Kube | None = None
+_shared_lock = threading.Lock()
+
+
+def shared() -> Kube:
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Kube()
+        return _shared

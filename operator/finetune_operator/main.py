@@ -1,0 +1,107 @@
+"""Entry point: ``finetune-operator`` (or ``python -m finetune_operator.main``) runs kopf.
+
+    finetune-operator [--all-namespaces | --namespace NS ...] [--standalone] [--peering NAME]
+                      [--liveness URL] [--metrics-port PORT] [--verbose | --debug]
+
+All kopf settings live in the one startup handler below. Environment variables give the
+defaults so that the chart (and tests) can tune the operator without changing its args.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from typing import Any, Sequence
+
+import kopf
+import prometheus_client
+
+from . import handlers  # noqa: F401  (registers the handlers)
+from . import kube as kube_
+from . import metrics as metrics_
+from . import runtime
+
+PEERING_NAME = "finetune-operator"
+FINALIZER = "finetune.dev/finalizer"
+PREFIX = "finetune.dev"
+
+
+@dataclasses.dataclass
+class Options:
+    metrics_port: int = int(os.environ.get("FINETUNE_OPERATOR_METRICS_PORT", "8080"))
+    metrics_address: str = os.environ.get("FINETUNE_OPERATOR_METRICS_ADDRESS", "0.0.0.0")
+    server_timeout: int = int(os.environ.get("FINETUNE_OPERATOR_WATCH_SERVER_TIMEOUT", "300"))
+    posting_level: str = os.environ.get("FINETUNE_OPERATOR_EVENT_LEVEL", "INFO")
+    max_workers: int = int(os.environ.get("FINETUNE_OPERATOR_MAX_WORKERS", "8"))
+    scrape_timeout: float = float(os.environ.get("FINETUNE_OPERATOR_SCRAPE_TIMEOUT", "2"))
+
+
+options = Options()
+
+
+@kopf.on.startup()
+def configure_operator(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
+    # Everything the operator writes to a FineTune is under its own prefix, not kopf.zalando.org.
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration")
+    # The server ends each watch after server_timeout; the client gives up a little later so a
+    # silently dropped connection is noticed.
+    settings.watching.server_timeout = options.server_timeout
+    settings.watching.client_timeout = options.server_timeout + 30
+    settings.watching.connect_timeout = 30
+    settings.posting.level = logging.getLevelName(options.posting_level.upper())
+    # A second replica with the same peering name stays on standby (if the peering CRD exists;
+    # --peering makes it mandatory, --standalone turns it off).
+    if settings.peering.name == "default":
+        settings.peering.name = PEERING_NAME
+    settings.execution.max_workers = options.max_workers
+    if options.metrics_port:
+        prometheus_client.start_http_server(options.metrics_port, addr=options.metrics_address)
+        logger.info("serving operator metrics on %s:%d", options.metrics_address, options.metrics_port)
+    runtime.configure(runtime.Runtime(
+        kube=kube_.Kube(),
+        metrics=metrics_.default(),
+        default_image=os.environ.get("FINETUNE_TRAINER_IMAGE") or None,
+        scrape_timeout=options.scrape_timeout,
+    ))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="finetune-operator", description=__doc__.split("\n")[0])
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
+    scope.add_argument("-n", "--namespace", action="append", default=[],
+                       help="watch only this namespace (repeatable; kopf patterns allowed)")
+    peering = parser.add_mutually_exclusive_group()
+    peering.add_argument("--standalone", action="store_true", help="no peering (e.g. no kopf.dev CRDs installed)")
+    peering.add_argument("--peering", metavar="NAME", help="mandatory peering under NAME")
+    parser.add_argument("--priority", type=int, help="peering priority (the highest runs, others stand by)")
+    parser.add_argument("--liveness", default=os.environ.get("FINETUNE_OPERATOR_LIVENESS", "http://0.0.0.0:8081/healthz"),
+                        help="kopf liveness endpoint URL; empty disables it")
+    parser.add_argument("--metrics-port", type=int, default=options.metrics_port,
+                        help="port of the operator's Prometheus metrics; 0 disables them")
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--debug", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    options.metrics_port = args.metrics_port
+    kopf.configure(verbose=args.verbose, debug=args.debug)
+    kopf.run(
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        standalone=True if args.standalone else None,
+        peering_name=args.peering,
+        priority=args.priority,
+        liveness_endpoint=args.liveness or None,
+    )
+
+
+if __name__ == "__main__":
+    main()
