@@ -32,6 +32,8 @@ from . import validation
 
 logger = logging.getLogger(__name__)
 
+CREATE_FAILED_PREFIX = "cannot create worker pod"
+
 EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
 
 
@@ -267,6 +269,8 @@ def plan(
     details = [f"{m.worker_pod_name(name, i)} {('(' + outcomes[i].detail + ')') if i in outcomes and outcomes[i].detail else ''}".strip()
                for i in range(workers) if states[i] == "pending"]
     message = f"waiting for worker pod(s) to start: {', '.join(details)}"
+    if p.create_pods and str(old.get("message", "")).startswith(CREATE_FAILED_PREFIX):
+        message = old["message"]  # keep saying why the pods do not exist until they do
     if phase in (None, st.RUNNING):
         p.status = st.enter_phase(p.status, st.PENDING, "WaitingForWorkers", message, now)
     else:
@@ -402,8 +406,20 @@ def _execute(
     if p.create_service:
         kube.create(namespace, "services", p.create_service)
     for pod in p.create_pods:
-        if kube.create(namespace, "pods", pod):
-            logger.info("created pod %s/%s", namespace, pod["metadata"]["name"])
+        try:
+            if kube.create(namespace, "pods", pod):
+                logger.info("created pod %s/%s", namespace, pod["metadata"]["name"])
+        except kube_.KubeError as e:
+            if e.status >= 500 or e.status == 429:
+                raise
+            # Rejected by the apiserver (quota, missing PriorityClass, admission policy): the
+            # user has to act, so say so where they look; the handler retries later.
+            message = f"{CREATE_FAILED_PREFIX} {pod['metadata']['name']}: {e.message or e}"
+            if old_status.get("message") != message:
+                kube.patch_finetune(namespace, name, {"status": {"message": message}}, status=True)
+                if post_event:
+                    post_event(finetune, "Warning", "FailedCreate", message)
+            raise
     for event in p.events:
         logger.info("%s %s/%s: %s", event.reason, namespace, name, event.message)
         if post_event:

@@ -24,6 +24,9 @@ from finetune.data import (
 from finetune.data.augment import PAD_VALUE, affine_matrix, warp_boxes, warp_image
 from finetune.errors import FinetuneError
 
+# torchvision 0.29 deprecates its codecs (the dataset silences this outside pytest too).
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
 NO_AUG = {k: 0.0 for k in ("hsv_h", "hsv_s", "hsv_v", "degrees", "translate", "scale", "shear", "fliplr", "flipud", "mosaic")}
 
 

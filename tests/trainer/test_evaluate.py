@@ -377,6 +377,8 @@ def test_evaluate_perfect_model_in_original_coords():
 
 
 def _ddp_worker(rank, world, port, out_dir):
+    # A forked child must not enter the parent's OpenMP pool (it would hang): one thread.
+    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -392,11 +394,12 @@ def _ddp_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.timeout(120)
 def test_evaluate_distributed_gathers_and_dedupes(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # fork, not spawn: children reuse the imported torch (spawn re-imports: ~10x slower)
+    # fork, not spawn: children reuse the imported modules (spawn re-imports torch per rank)
     mp.start_processes(_ddp_worker, args=(3, port, str(tmp_path)), nprocs=3, join=True, start_method="fork")
     outs = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(3)]
     assert outs[0]["ids"] == [100, 101, 102, 103]  # rank 0: merged, one per image

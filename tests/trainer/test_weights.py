@@ -35,11 +35,21 @@ FOREIGN = {  # our class -> (Ultralytics module, class name)
 }
 
 
-def save_as_ultralytics(model: nn.Module, path: pathlib.Path, **extras) -> None:
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convs on a shared 2-core box run far faster single-threaded (no oversubscription)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def save_as_ultralytics(model: nn.Module, path: pathlib.Path, plant=None, **extras) -> None:
     """Pickle ``model`` (half precision) as if its classes were Ultralytics' own.
 
     Fake ``models``, ``models.yolo`` and ``models.common`` modules exist only while saving,
     so loading must work without them (as it must without Ultralytics installed).
+    ``plant`` is set as an attribute of module 3 after copying (deepcopy would run it).
     """
     fakes = {name: types.ModuleType(name) for name in ("models", "models.yolo", "models.common")}
     foreign = {}
@@ -51,6 +61,8 @@ def save_as_ultralytics(model: nn.Module, path: pathlib.Path, **extras) -> None:
     for m in clone.modules():
         if type(m) in foreign:
             m.__class__ = foreign[type(m)]
+    if plant is not None:
+        clone.model[3].hook = plant
     saved = dict(sys.modules)
     sys.modules.update(fakes)
     try:
@@ -182,9 +194,7 @@ def test_code_running_pickles_are_refused(tmp_path, where, how, source):
     }[how]
     path = tmp_path / "evil.pt"
     if where == "inside_model":
-        model = copy.deepcopy(source)
-        model.model[3].hook = payload
-        save_as_ultralytics(model, path)
+        save_as_ultralytics(source, path, plant=payload)
     else:
         torch.save({"model": payload} if where == "top" else {"epoch": 1, "opt": {"x": [payload]}}, path)
     with pytest.raises(FinetuneError) as e:
@@ -196,6 +206,7 @@ def test_code_running_pickles_are_refused(tmp_path, where, how, source):
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")
 def test_unreadable_files_are_user_errors(tmp_path, ultralytics_pt):
     with pytest.raises(FinetuneError, match="not found; check the --weights path"):
         load_checkpoint(tmp_path / "missing.pt")

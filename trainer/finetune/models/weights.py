@@ -15,6 +15,7 @@ from __future__ import annotations
 import _compat_pickle
 import io
 import logging
+import math
 import os
 import pickle
 import types
@@ -108,6 +109,13 @@ def _numpy_global(module: str, name: str) -> Any:
     return None
 
 
+def _encode_bytes(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` limited to the text encodings pickle itself uses."""
+    if encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
+        raise pickle.UnpicklingError(f"unexpected encoding {encoding!r} in pickled bytes")
+    return text.encode(encoding)
+
+
 def _allowed_global(module: str, name: str) -> Any:
     """The object a pickle may reference as ``module.name``, or None if forbidden."""
     if module == "torch._utils" and name in _TORCH_REBUILD:
@@ -122,9 +130,7 @@ def _allowed_global(module: str, name: str) -> Any:
     if module == "builtins" and name in _BUILTINS:
         return _BUILTINS[name]
     if module == "_codecs" and name == "encode":  # protocol-2 pickles encode bytes this way
-        import codecs
-
-        return codecs.encode
+        return _encode_bytes
     if module == "argparse" and name == "Namespace":
         return _InertNamespace
     if module in _PATH_MODULES and name in _PATH_CLASSES:
@@ -404,7 +410,7 @@ def _guess_model(yaml_cfg: Any, state: Mapping) -> str | None:
     stem = state.get("model.0.conv.weight")
     if stem is not None and state.get("model.8.m.0.cv1.conv.weight") is not None:
         for name, cfg in builtins.items():
-            if stem.shape[0] == -(-64 * cfg["width_multiple"] // 8) * 8:
+            if stem.shape[0] == math.ceil(64 * cfg["width_multiple"] / 8) * 8:
                 return name
     return None
 

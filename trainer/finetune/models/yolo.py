@@ -133,6 +133,23 @@ def parse_model(cfg: dict, ch: int) -> tuple[nn.Sequential, list[int]]:
     return nn.Sequential(*layers), sorted(save)
 
 
+def run_layers(layers: nn.Sequential, save: list[int], x: torch.Tensor, frozen_depth: int = 0):
+    """Run modules in order, feeding each its ``.f`` input(s); keep outputs in ``save``.
+
+    Modules below ``frozen_depth`` run without autograd: nothing before them trains, so
+    their activations are never needed for backward (saves memory and time). Their
+    outputs reach later modules, including through skip connections, as plain tensors.
+    """
+    outputs: list[torch.Tensor | None] = []
+    for m in layers:
+        if m.f != -1:
+            x = outputs[m.f] if isinstance(m.f, int) else [x if j == -1 else outputs[j] for j in m.f]
+        with torch.no_grad() if m.i < frozen_depth else nullcontext():
+            x = m(x)
+        outputs.append(x if m.i in save else None)
+    return x
+
+
 class DetectionModel(nn.Module):
     """YOLOv5 detector built from a config dict, built-in name or YAML path.
 
@@ -166,38 +183,17 @@ class DetectionModel(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """Train mode: list of raw maps per level; eval mode: ``(pred, raw)``."""
-        return self._forward_once(x)
-
-    def _forward_once(self, x: torch.Tensor):
-        outputs: list[torch.Tensor | None] = []
-        for m in self.model:
-            if m.f != -1:
-                x = outputs[m.f] if isinstance(m.f, int) else [x if j == -1 else outputs[j] for j in m.f]
-            # Frozen modules need no autograd graph: nothing before them trains, so their
-            # activations are never needed for backward (saves memory and time).
-            with torch.no_grad() if m.i < self.frozen_depth else nullcontext():
-                x = m(x)
-            outputs.append(x if m.i in self.save else None)
-        return x
+        return run_layers(self.model, self.save, x, self.frozen_depth)
 
     def _measure_strides(self, ch: int) -> torch.Tensor:
         """Each level's stride = probe size / its output-map size.
 
-        The probe forward runs with every parameter and buffer swapped for a meta-device
-        copy: only shapes are computed, so it costs nothing even for yolov5x, and the
-        real BN statistics are untouched. Eval mode keeps BN from updating anything.
+        The probe runs through a shape-only twin of the layers built on the meta device:
+        free even for yolov5x, and this model's weights and BN statistics are untouched.
         """
-        was_training = self.training
-        self.train(False)
-        try:
-            meta_state = {name: t.to("meta") for name, t in
-                          [*self.named_parameters(), *self.named_buffers()]}
-            probe = torch.zeros(1, ch, STRIDE_PROBE_SIZE, STRIDE_PROBE_SIZE, device="meta")
-            with torch.no_grad():
-                _, raw = torch.func.functional_call(self, meta_state, (probe,))
-        finally:
-            self.train(was_training)
-            self.detect._grid_cache.clear()  # drop the meta-device grids
+        with torch.device("meta"):
+            layers, save = parse_model(self.yaml, ch)
+            raw = run_layers(layers.train(), save, torch.zeros(1, ch, STRIDE_PROBE_SIZE, STRIDE_PROBE_SIZE))
         return torch.tensor([STRIDE_PROBE_SIZE / r.shape[2] for r in raw],
                             dtype=torch.float32, device="cpu")
 
