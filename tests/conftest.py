@@ -8,7 +8,8 @@ Cluster fixtures (see tests/cluster/README.md):
   ~10 minutes once per machine). Never skips: no control plane is a test error.
 * ``kubectl`` (function): ``kubectl(*args, input=None, check=True) -> CompletedProcess``
   bound to the admin kubeconfig.
-* ``namespace`` (function): a fresh namespace name, deleted after the test.
+* ``namespace`` (function): a fresh namespace name; after the test its pods are
+  force-deleted (no kubelet) and the namespace is deleted without waiting.
 * ``kubeconfig`` (session): path of the admin kubeconfig.
 
 Any test using them is marked ``cluster`` automatically.
@@ -115,4 +116,7 @@ def namespace(control_plane, request):
     control_plane.kubectl("create", "namespace", name)
     yield name
     if os.environ.get("FINETUNE_K8S_KEEP_NAMESPACES") != "1":
+        # No kubelet: bound pods would keep the namespace Terminating forever.
+        control_plane.kubectl("-n", name, "delete", "pods", "--all", "--grace-period=0", "--force",
+                              "--wait=false", check=False)
         control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)

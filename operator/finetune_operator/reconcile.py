@@ -273,8 +273,12 @@ def plan(
         message = old["message"]  # keep saying why the pods do not exist until they do
     if phase in (None, st.RUNNING):
         p.status = st.enter_phase(p.status, st.PENDING, "WaitingForWorkers", message, now)
+    elif phase == st.RESTARTING:
+        # Keep saying why it restarts until every worker runs again.
+        restarting = st.get_condition(p.status.get("conditions"), st.RESTARTING) or {}
+        p.status["message"] = f"{restarting.get('message', 'restarting')}; {message}"
     else:
-        p.status["message"] = message  # Pending or Restarting until every worker runs
+        p.status["message"] = message
     return p
 
 

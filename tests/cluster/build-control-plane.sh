@@ -9,7 +9,10 @@
 # Idempotent: when $CACHE/v1.20.2/bin/ holds the binaries it only checks that etcd is
 # installed and prints the directory. Safe to run concurrently (flock). Needs root for
 # apt-get (only when packages are missing). See tests/cluster/README.md.
-set -euo pipefail
+set -Eeuo pipefail
+# The whole body is one { } block: bash parses it completely before running it, so
+# editing this file while a build runs cannot break that build.
+{
 
 K8S_VERSION=1.20.2
 CACHE_ROOT=${FINETUNE_K8S_CACHE:-/var/cache/finetune-k8s}
@@ -27,6 +30,7 @@ STEP="start"
 say() { printf '[build-control-plane] %s\n' "$*" >&2; printf '%s %s\n' "$(date '+%F %T')" "$*" >>"$LOG"; }
 on_error() {
     local rc=$?
+    [[ $BASHPID == "$$" ]] || exit "$rc"   # report once, from the main shell
     {
         echo
         echo "[build-control-plane] FAILED (exit $rc) during step: $STEP"
@@ -93,7 +97,9 @@ if [[ ! -f $WORK/.source-unpacked ]]; then
     APT_OPTS=(-o "Dir::Etc::SourceList=$APT/sources.list" -o Dir::Etc::SourceParts=/dev/null
               -o "Dir::State::Lists=$APT/lists" -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache=)
     apt-get "${APT_OPTS[@]}" update -qq >>"$LOG" 2>&1
-    (cd "$WORK/dl" && apt-get "${APT_OPTS[@]}" source --download-only "kubernetes" >>"$LOG" 2>&1)
+    pushd "$WORK/dl" >/dev/null
+    apt-get "${APT_OPTS[@]}" source --download-only "kubernetes" >>"$LOG" 2>&1
+    popd >/dev/null
     DSC=$(ls "$WORK"/dl/kubernetes_*.dsc)
     case $(basename "$DSC") in
         # bookworm ships "1.20.5+really1.20.2-1.1+deb12u1": upstream 1.20.2 source
@@ -103,13 +109,14 @@ if [[ ! -f $WORK/.source-unpacked ]]; then
     STEP="unpack source package"
     say "unpacking $(basename "$DSC")"
     rm -rf "$WORK/unpacked"
-    (cd "$WORK/dl" && dpkg-source --no-check -x "$DSC" "$WORK/unpacked" >>"$LOG" 2>&1)
+    dpkg-source --no-check -x "$DSC" "$WORK/unpacked" >>"$LOG" 2>&1
     mkdir -p "$(dirname "$SRC")"
     mv "$WORK/unpacked" "$SRC"
     rm -rf "$WORK/dl"
     touch "$WORK/.source-unpacked"
 fi
 
+STEP="check source tree"
 export GO111MODULE=off GOPATH=$GOPATH_DIR GOCACHE=$WORK/gocache GOFLAGS= GOTOOLCHAIN=local
 export CGO_ENABLED=0 GOPROXY=off
 cd "$SRC"
@@ -186,3 +193,5 @@ if [[ ${FINETUNE_K8S_KEEP_WORK:-0} != 1 ]]; then
 fi
 say "done in $(( $(date +%s) - START ))s"
 echo "$BIN"
+exit 0
+}

@@ -93,9 +93,36 @@ def _now() -> str:
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphans if pytest is SIGKILLed
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: no orphans if pytest is SIGKILLed
     except Exception:
         pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep_stale_dirs(base: Path) -> None:
+    """Remove work dirs whose owning process died without cleaning up (e.g. SIGKILL).
+
+    Their components died with it (PR_SET_PDEATHSIG). Dirs kept on purpose
+    (FINETUNE_K8S_KEEP=1 / keep=True) hold a `keep` file and are left alone.
+    """
+    for d in base.glob("finetune-k8s-*"):
+        try:
+            if (d / "keep").exists() or time.time() - d.stat().st_mtime < 60:
+                continue
+            pid = int((d / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 # Every started control plane, so atexit / SIGTERM / SIGHUP can tear them all down.
@@ -157,7 +184,8 @@ class ControlPlane:
         self.ca_file: Path | None = None
         self.startup_seconds: float | None = None
         self.timings: dict[str, float] = {}  # start-up phases, seconds since start()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._logs: dict[str, object] = {}
         self._n_kubeconfigs = 0
         self._stopped = True
 
@@ -178,13 +206,18 @@ class ControlPlane:
         for c in COMPONENTS:
             if not (self.bin_dir / c).is_file():
                 raise ControlPlaneError(f"{self.bin_dir / c} missing: run {BUILD_SCRIPT}")
+        if not (os.path.isfile(KUBECTL) and os.access(KUBECTL, os.X_OK)):
+            raise ControlPlaneError(f"kubectl not found ({KUBECTL!r}); set FINETUNE_KUBECTL")
+        self.procs, self._logs, self.timings = {}, {}, {}
         if self._workdir_arg:
             self.dir = Path(self._workdir_arg)
             self.dir.mkdir(parents=True, exist_ok=True)
         else:
             # tmpfs when there is one: etcd fsyncs on every write.
             base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+            _sweep_stale_dirs(Path(base or tempfile.gettempdir()))
             self.dir = Path(tempfile.mkdtemp(prefix="finetune-k8s-", dir=base))
+        (self.dir / "owner.pid").write_text(str(os.getpid()))
         self._stopped = False
         _install_handlers()
         _LIVE.add(self)
@@ -222,12 +255,14 @@ class ControlPlane:
                 except ProcessLookupError:
                     pass
                 p.wait(timeout=5)
-        for f in self._logs.values() if hasattr(self, "_logs") else ():
+        for f in self._logs.values():
             f.close()
         _LIVE.discard(self)
         keep = self.keep if keep_dir is None else (keep_dir or self.keep)
         if self.dir and not keep and not self._workdir_arg:
             shutil.rmtree(self.dir, ignore_errors=True)
+        elif self.dir and self.dir.exists():
+            (self.dir / "keep").touch()
 
     # ------------------------------------------------------------------ set-up
     def _openssl(self, *args: str) -> None:
@@ -286,8 +321,6 @@ class ControlPlane:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.dir / f"{name}.log", "wb")
-        if not hasattr(self, "_logs"):
-            self._logs = {}
         self._logs[name] = log
         self.procs[name] = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -490,6 +523,23 @@ class ControlPlane:
         self.kubectl("patch", "node", name, "--type=merge",
                      "-p", json.dumps({"spec": {"taints": kept or None}}))
         return self.get_json("node", name)
+
+    def reap_terminating_pods(self, namespace: str | None = None) -> list[str]:
+        """Finish graceful deletions like a kubelet: force-delete pods with a deletionTimestamp.
+
+        Without a kubelet, deleting a bound, non-terminal pod (by hand, by the garbage
+        collector, by a Job) leaves it Terminating forever. Returns "ns/name" of reaped pods.
+        """
+        scope = ["-n", namespace] if namespace else ["--all-namespaces"]
+        pods = json.loads(self.kubectl("get", "pods", *scope, "-o", "json").stdout)["items"]
+        reaped = []
+        for p in pods:
+            md = p["metadata"]
+            if md.get("deletionTimestamp"):
+                self.kubectl("-n", md["namespace"], "delete", "pod", md["name"], "--grace-period=0",
+                             "--force", "--wait=false", check=False)
+                reaped.append(f"{md['namespace']}/{md['name']}")
+        return reaped
 
     @staticmethod
     def _fake_ip(kind: str, name: str) -> str:

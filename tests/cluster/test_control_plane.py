@@ -161,3 +161,32 @@ def test_set_pod_status(control_plane, kubectl, namespace, phase, code):
     assert ready["Ready"] == "False"
     jsonpath = "{.status.containerStatuses[0].state.terminated.exitCode}"
     assert kubectl("-n", namespace, "get", "pod", "worker-0", "-o", f"jsonpath={jsonpath}").stdout == str(code)
+
+
+def test_persistent_volume_binding(control_plane, kubectl, namespace):
+    pv = {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{namespace}-pv"},
+          "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                   "storageClassName": "manual", "hostPath": {"path": "/tmp/finetune-pv"},
+                   "persistentVolumeReclaimPolicy": "Retain"}}
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data"},
+           "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "manual",
+                    "resources": {"requests": {"storage": "1Gi"}}}}
+    control_plane.apply(pv)
+    control_plane.apply(pvc, namespace=namespace)
+    wait_for(lambda: control_plane.get_json("pvc", "data", namespace=namespace)["status"].get("phase")
+             == "Bound", timeout=60, what="PVC binding")
+    assert control_plane.get_json("pvc", "data", namespace=namespace)["spec"]["volumeName"] == f"{namespace}-pv"
+    kubectl("-n", namespace, "delete", "pvc", "data")
+    kubectl("delete", "pv", f"{namespace}-pv", "--wait=false")
+
+
+def test_deleting_a_bound_pod_needs_the_fake_kubelet(control_plane, kubectl, namespace):
+    control_plane.register_node(f"{namespace}-n")
+    control_plane.apply(pod("bound", nodeName=f"{namespace}-n"), namespace=namespace)
+    control_plane.set_pod_status(namespace, "bound", "Running")
+    kubectl("-n", namespace, "delete", "pod", "bound", "--wait=false")
+    assert control_plane.get_json("pod", "bound", namespace=namespace)["metadata"]["deletionTimestamp"]
+    assert control_plane.reap_terminating_pods(namespace) == [f"{namespace}/bound"]
+    wait_for(lambda: kubectl("-n", namespace, "get", "pod", "bound", check=False).returncode != 0,
+             what="pod removal")
+    kubectl("delete", "node", f"{namespace}-n")

@@ -209,6 +209,14 @@ def test_corrupt_images_and_label_lines_are_skipped_and_counted(tmp_path):
     assert ds[0][1].shape == (2, 6) and ds[1][1].shape == (0, 6)
 
 
+def test_all_images_unusable_is_a_user_error(tmp_path):
+    bad = tmp_path / "images" / "x.jpg"
+    bad.parent.mkdir()
+    bad.write_bytes(b"nope")
+    with pytest.raises(FinetuneError, match=r"all 1 images are unusable.*x.jpg"):
+        YoloDataset([bad], imgsz=32, nc=1)
+
+
 def test_slightly_outside_box_is_clipped_not_dropped(tmp_path):
     img = write_image(tmp_path / "images" / "a.jpg", size=(32, 32))
     write_label(img, ["0 0.1 0.5 0.205 0.2"])  # left edge at -0.0025: rounding noise
@@ -365,3 +373,19 @@ def test_non_distributed_loader_with_a_worker_is_reproducible(tmp_path):
         runs.append([(images, targets) for images, targets, _ in loader])
     for (ia, ta), (ib, tb) in zip(*runs):
         assert torch.equal(ia, ib) and torch.equal(ta, tb)
+
+
+def test_grayscale_16bit_png_and_bmp_decode_to_rgb_uint8(tmp_path):
+    import numpy as np
+
+    gray16 = tmp_path / "images" / "g16.png"
+    gray16.parent.mkdir(parents=True)
+    Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16)).save(gray16)
+    bmp = write_image(tmp_path / "images" / "c.bmp", size=(20, 10), fmt="BMP")
+    ds = YoloDataset([gray16, bmp], imgsz=32, nc=1)
+    assert ds.stats["images"] == 2
+    for i in range(2):
+        image, _, _ = ds[i]
+        assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
+    # 40000/65535 of full scale → 156 (not the low byte, 64); rows outside are padding.
+    assert ds[0][0][:, 8:24].unique().tolist() == [156]

@@ -153,3 +153,25 @@ def test_frozen_prefix_runs_without_autograd(model):
     outputs = model(x)
     sum(o.sum() for o in outputs).backward()
     assert x.grad is None
+
+
+def saved_activation_bytes(model: nn.Module) -> int:
+    """Bytes autograd keeps for backward during one training forward pass."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.train()(torch.rand(2, 3, IMGSZ, IMGSZ, requires_grad=True))
+    return total
+
+
+def test_saved_activations_shrink_as_more_is_frozen(model):
+    saved = []
+    for depth in (0, 10, 24):
+        freeze_modules(model, depth)
+        saved.append(saved_activation_bytes(model))
+    assert saved[0] > saved[1] > saved[2] > 0

@@ -241,6 +241,17 @@ def test_nc_override_and_names():
         DetectionModel("yolov5n", nc=0)
 
 
+def test_unbuildable_custom_config_is_a_user_error(tiny_cfg_path):
+    cfg = mc.load_model_config(tiny_cfg_path)
+    cfg["head"][2] = [[-1, 3], 1, "Concat", [1]]  # 4x4 upsampled map with an 8x8 map
+    with pytest.raises(FinetuneError, match="cannot be built"):
+        DetectionModel(cfg)
+    cfg = mc.load_model_config(tiny_cfg_path)
+    cfg["backbone"][0] = [-1, 1, "Conv", [8, 3, 2, 1, 1, 1, 1]]  # too many args
+    with pytest.raises(FinetuneError, match="cannot be built"):
+        DetectionModel(cfg)
+
+
 def test_upsample_spellings_give_same_model():
     cfg = mc.load_model_config("yolov5n")
     cfg["head"][1][2] = "Upsample"

@@ -211,22 +211,20 @@ def _matches_per_class(ev) -> dict[int, tuple[np.ndarray, np.ndarray, int]]:
     matching is exactly the one mAP uses (ignored detections are dropped).
     """
     p = ev.params
-    area_all, max_det = p.areaRng[0], p.maxDets[-1]
-    per_class: dict[int, tuple[list, list, int]] = {}
+    area_all, max_det, n_iou = p.areaRng[0], p.maxDets[-1], len(p.iouThrs)
+    scores: dict[int, list[np.ndarray]] = {}
+    tps: dict[int, list[np.ndarray]] = {}
+    npos: dict[int, int] = {}
     for e in ev.evalImgs:
         if e is None or e["aRng"] != area_all or e["maxDet"] != max_det:
             continue
-        scores, tps, npos = per_class.setdefault(e["category_id"], ([], [], 0))
-        keep = ~np.asarray(e["dtIgnore"], dtype=bool).reshape(len(p.iouThrs), -1)[0]
-        matched = np.asarray(e["dtMatches"]).reshape(len(p.iouThrs), -1)[0] > 0
-        scores.append(np.asarray(e["dtScores"], dtype=np.float64)[keep])
-        tps.append(matched[keep])
-        npos += int(np.count_nonzero(~np.asarray(e["gtIgnore"], dtype=bool)))
-        per_class[e["category_id"]] = (scores, tps, npos)
-    return {
-        c: (np.concatenate(s) if s else np.zeros(0), np.concatenate(t) if t else np.zeros(0, bool), n)
-        for c, (s, t, n) in per_class.items()
-    }
+        c = e["category_id"]
+        keep = ~np.asarray(e["dtIgnore"], dtype=bool).reshape(n_iou, -1)[0]
+        matched = np.asarray(e["dtMatches"]).reshape(n_iou, -1)[0] > 0  # iouThrs[0] = 0.5
+        scores.setdefault(c, []).append(np.asarray(e["dtScores"], dtype=np.float64)[keep])
+        tps.setdefault(c, []).append(matched[keep])
+        npos[c] = npos.get(c, 0) + int(np.count_nonzero(~np.asarray(e["gtIgnore"], dtype=bool)))
+    return {c: (np.concatenate(scores[c]), np.concatenate(tps[c]), npos[c]) for c in npos}
 
 
 def _best_f1_precision_recall(ev) -> tuple[float, float]:

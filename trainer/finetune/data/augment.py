@@ -59,16 +59,25 @@ def resolve_hyp(hyp: Mapping[str, object] | None) -> dict[str, float]:
         try:
             out[key] = float(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
-            raise FinetuneError(f"hyperparameter {key}={value!r} is not a number; pass e.g. --hyp {key}={DEFAULT_HYP[key]}") from None
+            raise FinetuneError(
+                f"hyperparameter {key}={value!r} is not a number; "
+                f"pass e.g. --hyp {key}={DEFAULT_HYP[key]}"
+            ) from None
     for key in _PROBABILITIES:
         if not 0.0 <= out[key] <= 1.0:
-            raise FinetuneError(f"hyperparameter {key}={out[key]} is a probability; pass a value in [0, 1]")
+            raise FinetuneError(
+                f"hyperparameter {key}={out[key]} is a probability; pass a value in [0, 1]"
+            )
     for key in _FRACTIONS:
         if not 0.0 <= out[key] < 1.0:
-            raise FinetuneError(f"hyperparameter {key}={out[key]} must be in [0, 1); pass a smaller value")
-    for key in ("degrees", "shear"):
-        if not 0.0 <= out[key] <= 90.0:
-            raise FinetuneError(f"hyperparameter {key}={out[key]} is in degrees; pass a value in [0, 90]")
+            raise FinetuneError(
+                f"hyperparameter {key}={out[key]} must be in [0, 1); pass a smaller value"
+            )
+    for key, limit in (("degrees", 180.0), ("shear", 45.0)):
+        if not 0.0 <= out[key] <= limit:
+            raise FinetuneError(
+                f"hyperparameter {key}={out[key]} is in degrees; pass a value in [0, {limit:g}]"
+            )
     return out
 
 
@@ -180,7 +189,9 @@ def affine_matrix(
     Coordinates are pixel-edge based (pixel k spans [k, k+1)), the same as box coordinates.
     """
     src_h, src_w = src_size
-    to_origin = torch.tensor([[1.0, 0, -src_w / 2], [0, 1, -src_h / 2], [0, 0, 1]], dtype=torch.float64)
+    to_origin = torch.tensor(
+        [[1.0, 0, -src_w / 2], [0, 1, -src_h / 2], [0, 0, 1]], dtype=torch.float64
+    )
     sx, sy = math.tan(math.radians(shear[0])), math.tan(math.radians(shear[1]))
     shear_m = torch.tensor([[1.0, sx, 0], [sy, 1, 0], [0, 0, 1]], dtype=torch.float64)
     a = math.radians(angle)
@@ -201,10 +212,11 @@ def warp_image(image: torch.Tensor, matrix: torch.Tensor, out_size: int) -> torc
     """
     src_h, src_w = image.shape[-2:]
     # grid_sample works in [-1, 1] coordinates: express the inverse map in those.
-    to_norm_src = torch.tensor([[2.0 / src_w, 0, -1], [0, 2.0 / src_h, -1], [0, 0, 1]], dtype=torch.float64)
-    from_norm_out = torch.tensor(
-        [[out_size / 2, 0, out_size / 2], [0, out_size / 2, out_size / 2], [0, 0, 1]], dtype=torch.float64
+    half = out_size / 2
+    to_norm_src = torch.tensor(
+        [[2.0 / src_w, 0, -1], [0, 2.0 / src_h, -1], [0, 0, 1]], dtype=torch.float64
     )
+    from_norm_out = torch.tensor([[half, 0, half], [0, half, half], [0, 0, 1]], dtype=torch.float64)
     theta = (to_norm_src @ torch.linalg.inv(matrix) @ from_norm_out).tolist()
     # Built by broadcasting: ``affine_grid``'s batched matmul costs ~1 ms at 320², this ~0.1.
     coords = (torch.arange(out_size, dtype=torch.float32) + 0.5) * (2.0 / out_size) - 1.0
@@ -217,7 +229,9 @@ def warp_image(image: torch.Tensor, matrix: torch.Tensor, out_size: int) -> torc
         dim=-1,
     )[None]
     shifted = image.float().sub_(PAD_VALUE)[None]
-    out = torch.nn.functional.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = torch.nn.functional.grid_sample(
+        shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
     return out[0].add_(PAD_VALUE + 0.5).clamp_(0, 255).to(torch.uint8)
 
 
@@ -258,7 +272,9 @@ def augment_geometric(
     t = hyp["translate"]
     translate = (_uniform(-t, t) * out_size, _uniform(-t, t) * out_size) if t else (0.0, 0.0)
     matrix = affine_matrix(angle, scale, shear, translate, src_size, out_size)
-    identity = src_size == (out_size, out_size) and torch.equal(matrix, torch.eye(3, dtype=matrix.dtype))
+    identity = src_size == (out_size, out_size) and torch.equal(
+        matrix, torch.eye(3, dtype=matrix.dtype)
+    )
     if not identity:
         image = warp_image(image, matrix, out_size)
     out = warp_boxes(boxes, matrix)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torchvision.io as tio
 from PIL import Image
+from torchvision.transforms.v2 import functional as F
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -52,6 +53,7 @@ warnings.filterwarnings(
 COORD_TOLERANCE = 0.01  # labelling tools round; a box edge at 1.004 is still a good box
 _TORCHVISION_DECODES = {".jpg", ".jpeg", ".png", ".webp"}
 _MAX_EXAMPLES = 3  # skipped files quoted in the summary line
+_Shape = tuple[int, int]
 
 
 class YoloDataset(Dataset):
@@ -94,6 +96,12 @@ class YoloDataset(Dataset):
         self._ram: list[tuple[torch.Tensor, tuple[int, int]]] | None = None
         if cache == "ram":
             self._fill_ram_cache()
+        if self.skipped and not self.image_paths:
+            path, reason = self.skipped[0]
+            raise FinetuneError(
+                f"{prefix}all {len(self.skipped)} images are unusable (e.g. {path}: {reason}); "
+                f"check the dataset files or point data.yaml at the right folder"
+            )
         self.stats = self._count()
 
     # ------------------------------------------------------------------ construction
@@ -193,36 +201,33 @@ class YoloDataset(Dataset):
         labels = self.labels[index] if ok else self.labels[index][:0]
         return torch.from_numpy(labels)
 
-    def _letterboxed(self, index: int):
-        """(image [3,S,S], boxes xyxy px, classes, orig_shape, ratio, pad) for one index."""
+    def _load_sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _Shape]:
+        """(resized image, boxes xyxy in its pixels, classes, original (h, w)) for one index."""
         resized, orig_shape, ok = self.load_resized(index)
+        labels = self._labels_tensor(index, ok)
         ratio = self.imgsz / max(orig_shape)
-        image, pad = pad_to_square(resized, self.imgsz)
-        labels_t = self._labels_tensor(index, ok)
-        boxes = normalized_to_letterbox(labels_t[:, 1:5], orig_shape, ratio, pad)
-        return image, boxes, labels_t[:, 0].clone(), orig_shape, ratio, pad
+        boxes = normalized_to_letterbox(labels[:, 1:5], orig_shape, ratio, (0, 0))
+        return resized, boxes, labels[:, 0].clone(), orig_shape
 
-    def _mosaic_tiles(self, index: int):
-        """Four (resized image, boxes px on it, classes) tiles: ``index`` and three random others."""
-        others = torch.randint(len(self), (3,)).tolist()
-        tiles = []
-        for i in [index, *others]:
-            resized, orig_shape, ok = self.load_resized(i)
-            ratio = self.imgsz / max(orig_shape)
-            labels_t = self._labels_tensor(i, ok)
-            boxes = normalized_to_letterbox(labels_t[:, 1:5], orig_shape, ratio, (0, 0))
-            tiles.append((resized, boxes, labels_t[:, 0].clone()))
-        return tiles
+    def _use_mosaic(self) -> bool:
+        p = self.hyp["mosaic"]
+        return self.augment and p > 0 and float(torch.rand(())) < p
 
     # ------------------------------------------------------------------ Dataset API
     def __len__(self) -> int:
         return len(self.image_paths)
 
     def __getitem__(self, index: int):
-        image, boxes, classes, orig_shape, ratio, pad = self._letterboxed(index)
+        resized, boxes, classes, orig_shape = self._load_sample(index)
+        height, width = resized.shape[-2:]
+        pad = ((self.imgsz - width) // 2, (self.imgsz - height) // 2)
+        if self._use_mosaic():
+            others = [self._load_sample(i)[:3] for i in torch.randint(len(self), (3,)).tolist()]
+            image, boxes, classes = mosaic4([(resized, boxes, classes), *others], self.imgsz)
+        else:
+            image, pad = pad_to_square(resized, self.imgsz)
+            boxes = boxes + torch.tensor([pad[0], pad[1], pad[0], pad[1]], dtype=boxes.dtype)
         if self.augment:
-            if self.hyp["mosaic"] > 0 and float(torch.rand(())) < self.hyp["mosaic"]:
-                image, boxes, classes = mosaic4(self._mosaic_tiles(index), self.imgsz)
             image, boxes, classes = augment_sample(image, boxes, classes, self.hyp, self.imgsz)
         targets = torch.zeros((len(boxes), 6), dtype=torch.float32)
         if len(boxes):
@@ -232,7 +237,7 @@ class YoloDataset(Dataset):
             "path": str(self.image_paths[index]),
             "image_id": int(index),
             "orig_shape": orig_shape,
-            "ratio": float(ratio),
+            "ratio": self.imgsz / max(orig_shape),
             "pad": pad,
         }
         return image.contiguous(), targets, meta
@@ -274,7 +279,11 @@ def decode_rgb(path: Path) -> torch.Tensor | None:
     try:
         if path.suffix.lower() in _TORCHVISION_DECODES:
             data = tio.read_file(str(path))
-            return tio.decode_image(data, mode=tio.ImageReadMode.RGB, apply_exif_orientation=True)
+            image = tio.decode_image(data, mode=tio.ImageReadMode.RGB, apply_exif_orientation=True)
+            # 16-bit PNGs decode to uint16; everything downstream is 8-bit.
+            if image.dtype != torch.uint8:
+                image = F.to_dtype(image, torch.uint8, scale=True)
+            return image
         with Image.open(path) as im:
             array = np.asarray(im.convert("RGB"))
         return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()

@@ -47,7 +47,9 @@ def make_synthetic_dataset(
     letterboxing). Object sizes are fractions of the image's shorter side. Returns the path
     of ``data.yaml``.
     """
-    names = _check_args(classes, n_train, n_val, imgsz, max_objects, min_size_frac, max_size_frac, fmt)
+    names = _check_args(
+        classes, n_train, n_val, imgsz, max_objects, min_size_frac, max_size_frac, fmt
+    )
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     for split, count in (("train", n_train), ("val", n_val)):
@@ -60,7 +62,13 @@ def make_synthetic_dataset(
             _save_image(image, image_dir / f"{stem}.{fmt}", fmt)
             (label_dir / f"{stem}.txt").write_text("".join(rows))
     data_yaml = out / "data.yaml"
-    spec = {"path": ".", "train": "images/train", "val": "images/val", "nc": len(names), "names": names}
+    spec = {
+        "path": ".",  # relative to data.yaml: the folder can be moved or mounted anywhere
+        "train": "images/train",
+        "val": "images/val",
+        "nc": len(names),
+        "names": names,
+    }
     data_yaml.write_text(yaml.safe_dump(spec, sort_keys=False))
     return data_yaml
 
@@ -110,13 +118,16 @@ def _image_size(rng: np.random.Generator, imgsz: int) -> tuple[int, int]:
     return imgsz, imgsz
 
 
-def _make_image(rng, names, imgsz, max_objects, min_frac, max_frac) -> tuple[Image.Image, list[str]]:
+def _make_image(
+    rng, names, imgsz, max_objects, min_frac, max_frac
+) -> tuple[Image.Image, list[str]]:
     """One image and its YOLO label lines."""
     width, height = _image_size(rng, imgsz)
     background = _background(rng, width, height)
     image = Image.fromarray(background)
     draw = ImageDraw.Draw(image)
-    n_objects = 0 if (max_objects == 0 or rng.random() < _EMPTY_FRACTION) else int(rng.integers(1, max_objects + 1))
+    empty = max_objects == 0 or rng.random() < _EMPTY_FRACTION
+    n_objects = 0 if empty else int(rng.integers(1, max_objects + 1))
     placed: list[tuple[float, float, float, float]] = []
     rows = []
     for _ in range(n_objects):
@@ -124,9 +135,9 @@ def _make_image(rng, names, imgsz, max_objects, min_frac, max_frac) -> tuple[Ima
         shape = _place_shape(rng, names[cls], width, height, min_frac, max_frac, placed)
         if shape is None:
             continue
-        kind, geometry, box = shape
+        _, geometry, box = shape
         color = _contrasting_color(rng, background, box)
-        _draw(draw, kind, geometry, color)
+        _draw(draw, geometry, color)
         placed.append(box)
         rows.append(_label_line(cls, box, width, height))
     _add_grain(rng, image)
@@ -227,7 +238,10 @@ def _unit_polygon(kind: str, turn_degrees: float) -> list[tuple[float, float]]:
         radii, count, start = [1.0, 0.42], 10, -90.0
     elif kind == "cross":
         t = 0.33  # arm half-width
-        pts = [(-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t), (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t)]
+        pts = [
+            (-t, -1), (t, -1), (t, -t), (1, -t), (1, t), (t, t),
+            (t, 1), (-t, 1), (-t, t), (-1, t), (-1, -t), (-t, -t),
+        ]  # fmt: skip
         return _rotate(pts, turn_degrees)
     else:
         raise AssertionError(kind)
@@ -252,7 +266,7 @@ def _offset(geometry, x0: float, y0: float):
     return kind, [(x + x0, y + y0) for x, y in data]
 
 
-def _draw(draw: ImageDraw.ImageDraw, kind: str, geometry, color) -> None:
+def _draw(draw: ImageDraw.ImageDraw, geometry, color) -> None:
     shape, data = geometry
     if shape == "ellipse":
         draw.ellipse(data, fill=color)

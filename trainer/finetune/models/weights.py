@@ -234,7 +234,8 @@ def _normalise(ckpt: dict, path: Path) -> dict:
     for key, value in ckpt.items():
         if key in ("model", "ema") and isinstance(value, _InertModule):
             out[key] = _state_dict_of(value, path)
-            ultralytics_model = ultralytics_model or value
+            if ultralytics_model is None:
+                ultralytics_model = value
         else:
             out[key] = _plain(value)
     if ultralytics_model is not None:
@@ -249,14 +250,21 @@ def _normalise(ckpt: dict, path: Path) -> dict:
 
 
 def _plain(value: Any) -> Any:
-    """Turn inert namespaces and numpy values into dicts / Python numbers."""
+    """Turn inert namespaces and numpy values into dicts / Python numbers.
+
+    Containers that need no change are returned as they are (a state dict keeps its
+    ``_metadata``, which load_state_dict reads).
+    """
     if isinstance(value, _InertNamespace):
         return {k: _plain(v) for k, v in value.__dict__.items() if k != "_args"}
     if isinstance(value, dict):
         items = [(k, _plain(v)) for k, v in value.items()]
+        if all(new is value[k] for k, new in items):
+            return value
         return OrderedDict(items) if isinstance(value, OrderedDict) else dict(items)
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        items = [_plain(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else items
     if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
         return value.tolist()
     return value

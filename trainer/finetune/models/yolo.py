@@ -166,12 +166,21 @@ class DetectionModel(nn.Module):
                 raise FinetuneError(f"number of classes must be a positive integer, got {nc!r}")
             self.yaml["nc"] = nc
         ch = self.yaml["ch"] = self.yaml.get("ch", ch)
-        self.model, self.save = parse_model(self.yaml, ch)
+        try:
+            self.model, self.save = parse_model(self.yaml, ch)
+            self.stride = self._measure_strides(ch)
+        except (TypeError, ValueError, IndexError, RuntimeError) as e:
+            # A custom YAML with wrong args or incompatible shapes fails here, not mid-run.
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            name = cfg if isinstance(cfg, str) else "the model config"
+            raise FinetuneError(
+                f"model config {name} cannot be built ({reason}); fix its module arguments "
+                "or 'from' indices (see the built-in yolov5s.yaml)"
+            ) from None
         self.nc = self.yaml["nc"]
         self.names = [str(i) for i in range(self.nc)]
         self.frozen_depth = 0
         self.freeze_bn = True
-        self.stride = self._measure_strides(ch)
         detect = self.detect
         detect.stride.copy_(self.stride.to(detect.stride.device))
         detect.anchors.div_(detect.stride.view(-1, 1, 1))
