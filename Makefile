@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # processes started by the test node agent can run the same environment.
 SYSTEM_PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast readme-results bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(SYSTEM_PYTHON) -m venv $(VENV)
@@ -18,6 +18,13 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(PY) -m finetune.demo
+
+# Re-measure the demo and rewrite README's results section and docs/demo/*.png.
+readme-results: setup
+	$(PY) -m finetune.demo --update-readme README.md
+
+bench: setup
+	$(PY) bench/freeze.py
 
 test: setup
 	$(PY) -m pytest

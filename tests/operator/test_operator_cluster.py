@@ -30,6 +30,9 @@ CHART = REPO / "charts" / "finetune-operator"
 OPERATOR_NAMESPACE = "finetune-system"
 RELEASE = "ft-test"
 TIMEOUT = 30.0
+# The garbage collector learns about new CRDs by re-discovery every 30s; right after the CRD is
+# installed it may take that long before it deletes a FineTune's dependents.
+GC_TIMEOUT = 75.0
 
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -313,9 +316,9 @@ def test_deleting_the_finetune_removes_pods_and_service(cluster, operator):
     assert "finetune.dev/finalizer" in cluster.finetune("gone")["metadata"]["finalizers"]
     cluster.cp.kubectl("-n", cluster.ns, "delete", "ft", "gone", "--wait=false")
     wait_for(lambda: cluster.finetune("gone") is None, "the FineTune to be deleted (finalizer released)")
-    wait_for(lambda: not cluster.pods("gone"), "garbage collection of the pods")
+    wait_for(lambda: not cluster.pods("gone"), "garbage collection of the pods", timeout=GC_TIMEOUT)
     wait_for(lambda: cluster.cp.kubectl("-n", cluster.ns, "get", "service", "gone", check=False).returncode != 0,
-             "garbage collection of the service")
+             "garbage collection of the service", timeout=GC_TIMEOUT)
 
 
 def test_active_deadline_fails_and_deletes_pods(cluster, operator):
@@ -334,7 +337,7 @@ def test_ttl_after_finished_deletes_the_finetune(cluster, operator):
     cluster.set_all(pods, "Succeeded")
     cluster.wait_phase("ttl", "Succeeded")
     wait_for(lambda: cluster.finetune("ttl") is None, "ttlSecondsAfterFinished to delete the FineTune", timeout=20)
-    wait_for(lambda: not cluster.pods("ttl"), "garbage collection of the pods")
+    wait_for(lambda: not cluster.pods("ttl"), "garbage collection of the pods", timeout=GC_TIMEOUT)
 
 
 def test_freeze_too_deep_fails_validation_without_pods(cluster, operator):

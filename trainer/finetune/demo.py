@@ -76,6 +76,35 @@ def pretrain(out: Path, data: Path, size: DemoSize, workers: int, device: str) -
     return best
 
 
+README_START = "<!-- demo-results:start"
+README_END = "<!-- demo-results:end -->"
+
+
+def update_readme(readme: Path, comparison: dict, compare_dir: Path, size: DemoSize) -> None:
+    """Replace README's demo-results section with this run's table and plots."""
+    import platform
+    import shutil
+
+    docs = readme.parent / "docs" / "demo"
+    docs.mkdir(parents=True, exist_ok=True)
+    for png in ("map_per_epoch.png", "time_memory.png"):
+        shutil.copyfile(compare_dir / png, docs / png)
+    text = readme.read_text()
+    start, end = text.index(README_START), text.index(README_END)
+    start_line_end = text.index("\n", start) + 1
+    machine = f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores"
+    body = (
+        f"yolov5n pre-trained on synthetic {', '.join(SOURCE_CLASSES)} ({size.source_train} images, "
+        f"{size.pretrain_epochs} epochs), then fine-tuned on {', '.join(TARGET_CLASSES)} ({size.target_train} images, "
+        f"{size.finetune_epochs} epochs, imgsz {size.imgsz}, batch {size.batch}) on this project's CI-class machine "
+        f"({machine}, no GPU):\n\n"
+        + comparison["markdown"]
+        + "\n![mAP@0.5:0.95 per epoch](docs/demo/map_per_epoch.png)\n"
+        + "![time per epoch and peak memory](docs/demo/time_memory.png)\n"
+    )
+    readme.write_text(text[:start_line_end] + body + text[end:])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m finetune.demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where everything goes (default: runs/demo)")
@@ -83,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="data-loader processes (default: 2)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default: auto)")
     p.add_argument("--metrics-port", type=int, default=9400, help="live metrics port (default: 9400, else a free one)")
+    p.add_argument("--update-readme", type=Path, default=None, metavar="README",
+                   help="copy the table and plots into README's demo-results section (and docs/demo/)")
     args = p.parse_args(argv)
     size = QUICK if args.quick else FULL
     try:
@@ -99,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             epochs=size.finetune_epochs, batch=size.batch, imgsz=size.imgsz, workers=args.workers, cache="ram",
             seed=0, hyp=["nbs=16", "warmup_epochs=1"], device=args.device,
             metrics_port=free_port(args.metrics_port), out=out / "compare", reuse=False)
-        run_compare(compare_args)
+        comparison = run_compare(compare_args)
+        if args.update_readme:
+            update_readme(args.update_readme, comparison, out / "compare", size)
     except FinetuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
