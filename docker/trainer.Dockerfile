@@ -42,8 +42,9 @@ USER 1000:1000
 WORKDIR /home/trainer
 # 9400: rank 0's Prometheus metrics; 29500: the torchrun rendezvous (master port).
 EXPOSE 9400 29500
-# The operator sets the full command (torchrun --nnodes ... -m finetune.cli train ...).
+# The operator sets the full command (finetune-launch --nnodes ... -m finetune.cli train ...);
+# finetune-launch is torchrun that passes the failed worker's exit code through.
 # Run by hand, the image starts a single-process run: append `train` flags after the image name,
 # e.g. `docker run IMAGE --data /data/data.yaml --model yolov5n --epochs 1 --device cpu`.
-ENTRYPOINT ["torchrun", "--standalone", "--nproc-per-node=1", "-m", "finetune.cli", "train"]
+ENTRYPOINT ["finetune-launch", "--standalone", "--nproc-per-node=1", "-m", "finetune.cli", "train"]
 CMD ["--help"]

@@ -222,8 +222,10 @@ def checkpoint_path(spec: Mapping[str, Any]) -> str:
 
 def worker_command(name: str, spec: Mapping[str, Any], index: int) -> list[str]:
     full = with_defaults(spec)
+    # finetune-launch is torchrun that exits with the failed worker's own code (128+N for
+    # signal N), so a pod's exit code tells a retryable kill from a permanent user error.
     return [
-        "torchrun",
+        "finetune-launch",
         f"--nnodes={full['workers']}",
         f"--nproc-per-node={processes_per_worker(full)}",
         f"--node-rank={index}",

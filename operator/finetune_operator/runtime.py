@@ -79,7 +79,8 @@ def _reconcile(handler: str, namespace: str, name: str) -> reconcile.Plan | None
 def reconcile_change(handler: str, namespace: str, name: str) -> None:
     """create/resume/update: like the timer, but an invalid spec fails the handler for good."""
     result = _reconcile(handler, namespace, name)
-    if result is not None and result.validation_failed:
+    # Only when this call made the transition: later events on a failed FineTune stay quiet.
+    if result is not None and result.validation_failed and "failed" in result.counters:
         raise kopf.PermanentError(result.status.get("message") or "invalid spec")
 
 

@@ -118,7 +118,7 @@ def test_trainer_image_installs_the_trainer_extra_only():
     assert users[-1] == "1000:1000" or users[-1] == "1000"
     assert any(keyword == "WORKDIR" for keyword, _ in steps)
     entrypoint = [json.loads(args) for keyword, args in steps if keyword == "ENTRYPOINT"]
-    assert entrypoint and entrypoint[-1][0] == "torchrun"
+    assert entrypoint and entrypoint[-1][0] == "finetune-launch"
     assert entrypoint[-1][-3:] == ["-m", "finetune.cli", "train"]
 
 

@@ -89,7 +89,7 @@ def test_every_sample_pod_is_restricted_owned_and_labelled(sample_key):
         assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in container["ports"]
         assert container["image"] == m.DEFAULT_TRAINER_IMAGE
         command = container["command"]
-        assert command[:6] == ["torchrun", f"--nnodes={sample['spec']['workers']}",
+        assert command[:6] == ["finetune-launch", f"--nnodes={sample['spec']['workers']}",
                                f"--nproc-per-node={max(sample['spec']['gpusPerWorker'], 1)}",
                                f"--node-rank={index}", f"--master-addr={name}-worker-0.{name}",
                                "--master-port=29500"]
@@ -550,3 +550,13 @@ def test_operator_metrics_survive_until_forgotten():
     om.forget("ml", "ft")
     assert get("finetune_operator_map50", {"namespace": "ml", "finetune": "ft"}) is None
     assert get("finetune_operator_finetunes", {"phase": "Running"}) == 0
+
+
+def test_command_line_defaults_to_all_namespaces_with_liveness():
+    from finetune_operator import main
+    args = main.parse_args([])
+    assert args.namespace == [] and not args.standalone and args.liveness == "http://0.0.0.0:8081/healthz"
+    args = main.parse_args(["--namespace", "a", "-n", "b", "--standalone", "--metrics-port", "0"])
+    assert args.namespace == ["a", "b"] and args.standalone and args.metrics_port == 0
+    with pytest.raises(SystemExit):
+        main.parse_args(["--all-namespaces", "--namespace", "a"])

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import time
 import urllib.request
 
+import psutil
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
@@ -102,7 +102,11 @@ def test_interrupted_torchrun_run_resumes_to_the_same_epoch_count(tiny_dataset, 
             break
         time.sleep(0.1)
     assert proc.poll() is None, "the run finished before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGKILL)
+    # Kill the launcher and every worker at once, as a lost node would (torchrun starts
+    # its workers in their own sessions, so a process-group kill would miss them).
+    tree = psutil.Process(proc.pid)
+    for p in [tree, *tree.children(recursive=True)]:
+        p.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     interrupted_epoch = torch.load(out / "last.pt", weights_only=True)["epoch"]
     assert 2 <= interrupted_epoch < epochs
@@ -115,7 +119,8 @@ def test_interrupted_torchrun_run_resumes_to_the_same_epoch_count(tiny_dataset, 
     resumed = subprocess.run(launch_cmd(2, *train_args(tiny_dataset, out, epochs, "--resume")), cwd=REPO,
                              env=run_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from {out / 'last.pt'}: {interrupted_epoch} of {epochs}" in resumed.stderr
+    messages = [json.loads(line)["msg"] for line in resumed.stderr.splitlines() if line.startswith("{")]
+    assert f"resuming from {out / 'last.pt'}: {interrupted_epoch} of {epochs} epochs done" in messages, messages[:3]
     rows = read_rows(out / "results.csv")
     assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
     assert json.loads((out / "metrics.json").read_text())["epochs_completed"] == epochs
