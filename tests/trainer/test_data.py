@@ -389,3 +389,18 @@ def test_grayscale_16bit_png_and_bmp_decode_to_rgb_uint8(tmp_path):
         assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
     # 40000/65535 of full scale → 156 (not the low byte, 64); rows outside are padding.
     assert ds[0][0][:, 8:24].unique().tolist() == [156]
+
+
+@pytest.mark.parametrize("scale,translate", [(0.5, (10.0, -5.0)), (1.3, (-20.0, 7.0)), (1.0, (0.0, 0.0))])
+def test_scale_translate_fast_path_boxes_follow_the_pixels(scale, translate):
+    from finetune.data.augment import scale_translate, warp_boxes
+
+    image = torch.full((3, 64, 64), 0, dtype=torch.uint8)
+    image[:, 20:40, 10:30] = 255  # a white box x 10..30, y 20..40 (pixel edges)
+    out, matrix = scale_translate(image, scale, translate, 64)
+    box = warp_boxes(torch.tensor([[10.0, 20.0, 30.0, 40.0]]), matrix)[0]
+    ys, xs = torch.nonzero(out[0] > 200, as_tuple=True)
+    found = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+    assert torch.allclose(box.float().clamp(0, 64), found, atol=1.01), (box, found)
+    # outside the pasted image the canvas is the letterbox gray
+    assert out.shape == (3, 64, 64)
