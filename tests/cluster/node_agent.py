@@ -359,6 +359,7 @@ class NodeAgent:
             self.coord = client.CoordinationV1Api(self._api_client)
             for node in self.nodes:
                 self._register(node)
+            self._heartbeat(force=True)
         except BaseException:
             self.stop()
             raise
@@ -440,7 +441,6 @@ class NodeAgent:
             {"status": {"addresses": [{"type": "InternalIP", "address": self.bridge_ip},
                                       {"type": "Hostname", "address": node.name}],
                         "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}}}}))
-        self._heartbeat(force=True)
 
     # ------------------------------------------------------------------ public helpers
     def serve(self, namespace: str) -> None:
@@ -911,13 +911,16 @@ class NodeAgent:
             command = [_expand(a, env) for a in (container.get("command") or []) + (container.get("args") or [])]
             if not container.get("command"):
                 raise NodeAgentError("the node agent cannot read images: the container needs a command")
-            script = ["set -e", f"hostname {shlex.quote(run.hostname)}",
-                      f"mount --bind {shlex.quote(str(tmp))} /tmp"]
+            script = ["set -e", f"hostname {shlex.quote(run.hostname)}"]
             for target, src, ro in mounts:
                 t = shlex.quote(target)
                 script += [f"mkdir -p {t}", f"mount --bind {shlex.quote(str(src))} {t}"]
                 if ro:
                     script.append(f"mount -o remount,bind,ro {t}")
+            # A private /tmp, mounted last (volume sources may live under the host's /tmp); not
+            # when the pod mounts something at or under /tmp itself.
+            if not any(t == "/tmp" or t.startswith("/tmp/") for t, _, _ in mounts):
+                script.append(f"mount --bind {shlex.quote(str(tmp))} /tmp")
             script.append(f"cd {shlex.quote(container.get('workingDir') or '/')}")
             user = []
             if run_as_user is not None and int(run_as_user) != 0 or run_as_group is not None:
