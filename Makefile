@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # processes started by the test node agent can run the same environment.
 SYSTEM_PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
 
-.PHONY: setup demo test test-fast readme-results bench clean
+.PHONY: setup demo test test-fast lint readme-results bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(SYSTEM_PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not cluster"
+
+lint: setup
+	$(VENV)/bin/ruff check trainer operator bench tests
 
 clean:
 	rm -rf runs .pytest_cache

@@ -8,7 +8,6 @@ through its phases. Timers run every second (FINETUNE_OPERATOR_RECONCILE_INTERVA
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from trainer_helpers import REPO, run
+from trainer_helpers import run
 
 pytestmark = pytest.mark.slow
 

@@ -14,15 +14,6 @@ from finetune.models.yolo import DetectionModel
 IMGSZ = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs on a shared 2-core box run far faster single-threaded (no oversubscription)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def model() -> DetectionModel:
     torch.manual_seed(0)

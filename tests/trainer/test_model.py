@@ -61,15 +61,6 @@ head:
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs on a shared 2-core box run far faster single-threaded (no oversubscription)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def fused_count(model: torch.nn.Module) -> int:
     bn_channels = sum(m.num_features for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     return sum(p.numel() for p in model.parameters()) - bn_channels

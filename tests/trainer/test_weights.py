@@ -35,15 +35,6 @@ FOREIGN = {  # our class -> (Ultralytics module, class name)
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs on a shared 2-core box run far faster single-threaded (no oversubscription)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def save_as_ultralytics(model: nn.Module, path: pathlib.Path, plant=None, **extras) -> None:
     """Pickle ``model`` (half precision) as if its classes were Ultralytics' own.
 

@@ -8,14 +8,11 @@ and publishes metrics. The same function runs alone or under `torchrun`.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import math
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch

@@ -1,0 +1,170 @@
+"""`make cluster-demo`: the CPU sample FineTune on a local, real control plane, end to end.
+
+One command: starts the control plane (building the binaries once, reused from the cache
+afterwards), the node agent (tests/cluster/node_agent.py: two Nodes whose pods run as local
+processes in their own network namespaces), installs the CRD and the chart's RBAC and runs the
+operator as the chart's ServiceAccount, makes the synthetic dataset and output PVs, applies
+``crds/samples/finetune-cpu-smoke.yaml`` as shipped, and streams ``kubectl get ft -w`` until
+it finishes. Prometheus (Debian's, if installed) scrapes the trainers and the operator.
+Then it prints where everything is and keeps running until Ctrl-C, which cleans it all up.
+
+    sudo .venv/bin/python tests/cluster/cluster_demo.py [--exit-when-done] [--no-prometheus]
+
+Needs root (network namespaces), like the node agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+SAMPLE = REPO / "crds" / "samples" / "finetune-cpu-smoke.yaml"
+NAMESPACE = "default"
+
+
+def _load(name: str, path: Path):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def say(msg: str) -> None:
+    print(f"[cluster-demo] {msg}", flush=True)
+
+
+def install_operator(cp, oh, workdir: Path):
+    """CRD + the chart's RBAC (helm_python) + the operator running with the chart's SA token."""
+    import helm_python as helm
+    import yaml
+    cp.kubectl("apply", "-f", str(oh.CRD))
+    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunes.finetune.dev")
+    cp.kubectl("create", "namespace", oh.OPERATOR_NAMESPACE, check=False)
+    with helm.Chart.load(oh.CHART) as chart:
+        rendered = chart.render({}, name=oh.RELEASE, namespace=oh.OPERATOR_NAMESPACE, is_install=True)
+    rbac = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+    objects = [d for p, t in rendered.items() if not p.endswith("NOTES.txt")
+               for d in yaml.safe_load_all(t) if d and d["kind"] in rbac]
+    cp.apply(objects, namespace=oh.OPERATOR_NAMESPACE)
+    account = next(o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount")
+    kubeconfig = cp.kubeconfig_for_token(cp.create_token(oh.OPERATOR_NAMESPACE, account, duration="24h"),
+                                         name="finetune-operator")
+    operator = oh.Operator(kubeconfig, NAMESPACE, workdir / "operator.log")
+    operator.start()
+    return operator
+
+
+def host_path_volume(cp, claim: str, path: Path) -> None:
+    pv = f"{NAMESPACE}-{claim}"
+    cp.apply([
+        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
+                  "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(path), "type": "Directory"},
+                  "claimRef": {"namespace": NAMESPACE, "name": claim}}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim, "namespace": NAMESPACE},
+         "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": pv,
+                  "resources": {"requests": {"storage": "1Gi"}}}},
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--exit-when-done", action="store_true", help="clean up and exit when the FineTune finishes")
+    ap.add_argument("--no-prometheus", action="store_true", help="do not start Prometheus")
+    ap.add_argument("--workdir", help="where the dataset and results go (default: a new temp dir, kept)")
+    args = ap.parse_args(argv)
+
+    cpm = _load("finetune_tests_control_plane", HERE / "control_plane.py")
+    na = _load("finetune_tests_node_agent", HERE / "node_agent.py")
+    oh = _load("finetune_tests_operator_cluster", REPO / "tests" / "operator" / "test_operator_cluster.py")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="finetune-cluster-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.chmod(0o755)
+    cp = agent = operator = prom = sd = None
+    watcher = None
+    try:
+        say("starting the control plane (builds the binaries once, ~5-10 min, then cached) ...")
+        cp = cpm.ControlPlane(keep=False)
+        cp.start()
+        say(f"control plane v{cpm.K8S_VERSION} up in {cp.startup_seconds:.1f}s at {cp.server}")
+        agent = na.NodeAgent(cp, [na.NodeSpec("demo-node-0", cpu="4", memory="8Gi"),
+                                  na.NodeSpec("demo-node-1", cpu="4", memory="8Gi")]).start()
+        say(f"node agent: nodes demo-node-0, demo-node-1; pod network {agent.bridge} {agent.bridge_ip}/16; "
+            f"pod logs under {agent.dir}/pods")
+        operator = install_operator(cp, oh, workdir)
+        say(f"operator running as the chart's ServiceAccount; metrics http://127.0.0.1:{operator.metrics_port}/metrics")
+        data, runs = workdir / "data", workdir / "runs"
+        subprocess.run([str(REPO / ".venv" / "bin" / "finetune"), "synth", "--out", str(data), "--train", "48",
+                        "--val", "16", "--imgsz", "160"], check=True, stdout=subprocess.DEVNULL)
+        runs.mkdir(exist_ok=True)
+        for d in (data, runs):
+            d.chmod(0o755)
+        host_path_volume(cp, "finetune-synth-data", data)
+        host_path_volume(cp, "finetune-runs", runs)
+        say(f"dataset PV {data}, output PV {runs}")
+        if not args.no_prometheus and shutil.which("prometheus"):
+            pm = _load("finetune_tests_prometheus", REPO / "tests" / "e2e" / "prometheus.py")
+            sd = pm.HttpServiceDiscovery().start()
+            sd.follow_control_plane(cp, namespaces=[NAMESPACE])
+            sd.set_operator(f"127.0.0.1:{operator.metrics_port}", namespace=oh.OPERATOR_NAMESPACE)
+            prom = pm.PrometheusServer(sd).start()
+            say(f"Prometheus UI: {prom.url}  (try: finetune_map50, finetune_operator_finetunes)")
+        cp.kubectl("-n", NAMESPACE, "apply", "-f", str(SAMPLE))
+        say(f"applied {SAMPLE.relative_to(REPO)}; kubectl get ft -w:")
+        watcher = subprocess.Popen(["kubectl", "--kubeconfig", str(cp.kubeconfig), "-n", NAMESPACE,
+                                    "get", "ft", "-w"])
+        phase = ""
+        while phase not in ("Succeeded", "Failed"):
+            time.sleep(1)
+            ft = json.loads(cp.kubectl("-n", NAMESPACE, "get", "ft", "cpu-smoke", "-o", "json").stdout)
+            phase = (ft.get("status") or {}).get("phase", "")
+        time.sleep(1.5)
+        watcher.terminate()
+        watcher.wait()
+        status = ft["status"]
+        say(f"FineTune cpu-smoke {phase}: {status.get('message', '')}")
+        say(f"results: {runs / 'cpu-smoke'} ({', '.join(sorted(p.name for p in (runs / 'cpu-smoke').glob('*')))})")
+        say(f"worker logs: {agent.log_path(NAMESPACE, 'cpu-smoke-worker-0')}, "
+            f"{agent.log_path(NAMESPACE, 'cpu-smoke-worker-1')}")
+        say(f"operator log: {operator.log_path}")
+        if prom:
+            say(f"Prometheus UI: {prom.url}")
+        say(f"export KUBECONFIG={cp.kubeconfig}")
+        if args.exit_when_done:
+            return 0 if phase == "Succeeded" else 1
+        say("Ctrl-C stops everything and cleans up.")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        say("cleaning up ...")
+        if watcher and watcher.poll() is None:
+            watcher.terminate()
+        if operator:
+            operator.stop()
+        if prom:
+            prom.stop()
+        if sd:
+            sd.stop()
+        if agent:
+            agent.stop()
+        if cp:
+            cp.stop()
+        say(f"done (dataset and results kept in {workdir})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Fixtures for the end-to-end tests: control plane + node agent + operator + Prometheus.
+
+* ``node_agent`` (session): a :class:`NodeAgent` (tests/cluster/node_agent.py) with two Nodes
+  ``e2e-node-0``/``e2e-node-1`` that runs the pods of the namespaces it is told to ``serve()``
+  as real processes (so other tests, which play the kubelet with ``set_pod_status``, keep
+  their pods to themselves).
+* ``operator_kubeconfig`` (session): the CRD, the chart's ServiceAccount and RBAC (rendered
+  with helm_python), and a kubeconfig with that ServiceAccount's token - as in tests/operator.
+* ``prometheus_installed``/``prometheus_sd``/``prometheus_server``: tests/e2e/prometheus.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from prometheus import prometheus_installed, prometheus_sd, prometheus_server  # noqa: E402,F401
+
+
+def _load(name: str, path: Path):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+node_agent_module = _load("finetune_tests_node_agent", REPO / "tests" / "cluster" / "node_agent.py")
+# The operator helpers (Operator, Cluster, wait_for, constants) of tests/operator, reused as they are.
+operator_helpers = _load("finetune_tests_operator_cluster", REPO / "tests" / "operator" / "test_operator_cluster.py")
+
+
+@pytest.fixture(scope="session")
+def node_agent(control_plane):
+    na = node_agent_module
+    agent = na.NodeAgent(control_plane, [na.NodeSpec("e2e-node-0", cpu="4", memory="8Gi"),
+                                         na.NodeSpec("e2e-node-1", cpu="4", memory="8Gi")], namespaces=[])
+    try:
+        agent.start()
+    except na.NodeAgentError as e:
+        pytest.fail(f"could not start the node agent: {e}", pytrace=False)
+    yield agent
+    agent.stop()
+    if agent.errors:
+        print("node agent errors:\n" + "\n".join(agent.errors), file=sys.stderr)
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(control_plane) -> Path:
+    """Same set-up as tests/operator's fixture of that name (session-scoped here)."""
+    import helm_python as helm
+    oh = operator_helpers
+    cp = control_plane
+    cp.kubectl("apply", "-f", str(oh.CRD))
+    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunes.finetune.dev")
+    cp.kubectl("create", "namespace", oh.OPERATOR_NAMESPACE, check=False)
+    with helm.Chart.load(oh.CHART) as chart:
+        rendered = chart.render({}, name=oh.RELEASE, namespace=oh.OPERATOR_NAMESPACE, is_install=True)
+    rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+    objects = [doc for path, text in rendered.items() if not path.endswith("NOTES.txt")
+               for doc in yaml.safe_load_all(text) if doc and doc["kind"] in rbac_kinds]
+    cp.apply(objects, namespace=oh.OPERATOR_NAMESPACE)
+    account = next(o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount")
+    return cp.kubeconfig_for_token(cp.create_token(oh.OPERATOR_NAMESPACE, account), name="finetune-operator")
