@@ -20,6 +20,8 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 RENDEZVOUS_PORT = 29500
 METRICS_PORT = 9400
+# > the operator's reconcile interval (10 s) and Prometheus' usual scrape interval.
+METRICS_LINGER_SECONDS = 20
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
 TRAINER_IMAGE_ENV = "FINETUNE_TRAINER_IMAGE"
 
@@ -205,6 +207,9 @@ def trainer_arguments(name: str, spec: Mapping[str, Any]) -> list[str]:
         "--name", name,
         "--resume=auto",
         "--metrics-port", str(METRICS_PORT),
+        # Keep the final metrics up long enough for one more scrape after the last epoch,
+        # so status and Prometheus see the finished run's numbers.
+        "--metrics-linger", str(METRICS_LINGER_SECONDS),
         "--log-format", "json",
     ]
     return args

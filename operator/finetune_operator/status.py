@@ -136,8 +136,12 @@ def classify_exit_code(code: int) -> str:
 
 
 def _last_line(text: str | None) -> str:
+    """The line that explains a failure: the trainer's last `error: ...` line (the
+    launcher prints its own summary after it), else the last line."""
     lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
+    errors = [line for line in lines if line.startswith("error:") or "] error:" in line]
+    chosen = errors[-1] if errors else (lines[-1] if lines else "")
+    return chosen[:300]
 
 
 def _trainer_terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:

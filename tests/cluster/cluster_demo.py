@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         cp.start()
         say(f"control plane v{cpm.K8S_VERSION} up in {cp.startup_seconds:.1f}s at {cp.server}")
         agent = na.NodeAgent(cp, [na.NodeSpec("demo-node-0", cpu="4", memory="8Gi"),
-                                  na.NodeSpec("demo-node-1", cpu="4", memory="8Gi")]).start()
+                                  na.NodeSpec("demo-node-1", cpu="4", memory="8Gi")],
+                             workdir=workdir / "node-agent").start()  # kept: pod logs
         say(f"node agent: nodes demo-node-0, demo-node-1; pod network {agent.bridge} {agent.bridge_ip}/16; "
             f"pod logs under {agent.dir}/pods")
         operator = install_operator(cp, oh, workdir)

@@ -165,7 +165,7 @@ def sweep_leftovers() -> list[str]:
     removed: list[str] = []
     live = _live_agent_ids()
     for d in list(STATE_ROOT.glob("*")):
-        if d.name in live:
+        if d.name in live or not d.is_dir():
             continue
         try:
             state = json.loads((d / "state.json").read_text())
@@ -195,6 +195,7 @@ def sweep_leftovers() -> list[str]:
         m = re.fullmatch(rf"{NETNS_PREFIX}([0-9a-f]{{4}})-\d+", d.name)
         if m and m.group(1) not in live:
             shutil.rmtree(d, ignore_errors=True)
+    _registry_update(remove_all_if_alone=True)
     links = json.loads(_run("ip", "-j", "link", "show", check=False).stdout or "[]")
     for link in links:
         name = link.get("ifname", "")
@@ -203,6 +204,31 @@ def sweep_leftovers() -> list[str]:
             _run("ip", "link", "del", name, check=False)
             removed.append(f"link {name}")
     return removed
+
+
+MOUNTPOINTS_REGISTRY = STATE_ROOT / "mountpoints.json"
+
+
+def _registry_update(add: Iterable[str] = (), remove_all_if_alone: bool = False, me: str | None = None) -> None:
+    """Host dirs created as mount points by any agent; the last agent alive removes them all
+    (another agent may still bind volumes onto them until then)."""
+    import fcntl
+    STATE_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(STATE_ROOT / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            known = json.loads(MOUNTPOINTS_REGISTRY.read_text())
+        except (OSError, ValueError):
+            known = []
+        known = sorted(set(known) | set(add))
+        if remove_all_if_alone and not (_live_agent_ids() - {me}):
+            for path in sorted(known, key=len, reverse=True):
+                try:
+                    Path(path).rmdir()
+                except OSError:
+                    pass
+            known = [p for p in known if Path(p).exists()]
+        MOUNTPOINTS_REGISTRY.write_text(json.dumps(known))
 
 
 # Every started agent, so atexit / SIGTERM / SIGHUP can tear them all down.
@@ -401,13 +427,7 @@ class NodeAgent:
         except Exception:
             pass
         _run("ip", "link", "del", self.bridge, check=False)
-        others = _live_agent_ids() - {self.id}
-        for path in sorted(self.mountpoints, key=len, reverse=True):
-            if not others:
-                try:
-                    Path(path).rmdir()
-                except OSError:
-                    pass
+        _registry_update(self.mountpoints, remove_all_if_alone=True, me=self.id)
         if self.dir and not self.keep and not self._workdir_arg:
             shutil.rmtree(self.dir, ignore_errors=True)
         shutil.rmtree(self.state_dir, ignore_errors=True)
@@ -974,6 +994,7 @@ class NodeAgent:
                 created = True
         if created:
             self._save_state()
+            _registry_update(self.mountpoints)
 
     def _setup_network(self, run: PodRun) -> None:
         peer = f"{VETH_PREFIX}{self.id}{run.netns.rsplit('-', 1)[1]}p"

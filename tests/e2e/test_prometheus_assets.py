@@ -422,8 +422,12 @@ def test_every_dashboard_query_is_valid_and_returns_data(scraped_run):
 @pytest.mark.slow
 def test_alert_rules_are_loaded_and_evaluate_on_the_scraped_series(scraped_run):
     server = scraped_run.server
-    groups = server.rules()
-    rules = {r["name"]: r for g in groups for r in g["rules"]}
+    deadline = time.monotonic() + 30
+    while True:  # health is "unknown" until a rule's group has evaluated once
+        rules = {r["name"]: r for g in server.rules() for r in g["rules"]}
+        if all(r["health"] != "unknown" for r in rules.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert len(rules) == 6
     assert all(r["health"] == "ok" for r in rules.values()), {n: r.get("lastError") for n, r in rules.items()}
     # The operator reports OTHER Running with mAP 50% below its best and no trainer metrics:

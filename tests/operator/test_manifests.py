@@ -117,7 +117,7 @@ def test_one_gpu_backbone_sample_command_and_resources():
         "--freeze", "backbone", "--freeze-bn", "true", "--epochs", "50", "--batch", "32", "--imgsz", "640",
         "--optimizer", "SGD", "--lr0", "0.005", "--patience", "10", "--amp", "auto", "--cache", "ram",
         "--seed", "0", "--device", "cuda", "--out", "/output/yolov5s-traffic-signs", "--name", "yolov5s-traffic-signs",
-        "--resume=auto", "--metrics-port", "9400", "--log-format", "json",
+        "--resume=auto", "--metrics-port", "9400", "--metrics-linger", "20", "--log-format", "json",
     ]
     assert container["resources"] == {"limits": {"memory": "24Gi", "nvidia.com/gpu": 1},
                                       "requests": {"cpu": "4", "memory": "16Gi"}}
@@ -560,3 +560,13 @@ def test_command_line_defaults_to_all_namespaces_with_liveness():
     assert args.namespace == ["a", "b"] and args.standalone and args.metrics_port == 0
     with pytest.raises(SystemExit):
         main.parse_args(["--all-namespaces", "--namespace", "a"])
+
+
+def test_failure_detail_is_the_trainers_error_line_not_the_launchers_summary():
+    from finetune_operator.status import _last_line
+
+    log = ("epoch 1/3 ...\n[rank 1] error: --hyp foo: unknown hyperparameter; known: box, cls\n"
+           "finetune.launch: a worker failed with exit code 2\n")
+    assert _last_line(log) == "[rank 1] error: --hyp foo: unknown hyperparameter; known: box, cls"
+    assert _last_line("just a crash\n") == "just a crash"
+    assert _last_line(None) == ""

@@ -45,14 +45,17 @@ def read_rows(path):
 def test_torchrun_two_ranks_train_checkpoint_and_serve_metrics(tiny_dataset, tmp_path):
     out = tmp_path / "run"
     port = free_port()
-    proc = subprocess.Popen(launch_cmd(2, *train_args(tiny_dataset, out, 3, "--metrics-port", str(port))),
+    proc = subprocess.Popen(launch_cmd(2, *train_args(tiny_dataset, out, 3, "--metrics-port", str(port),
+                                                         "--metrics-linger", "3")),
                             cwd=REPO, env=run_env(FINETUNE_NAME="ft-test"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     seen: dict[str, list] = {}
+    epochs_seen: set[float] = set()
     deadline = time.time() + 600
     while proc.poll() is None and time.time() < deadline:
         try:
             families = scrape(port)
+            epochs_seen.update(sample.value for sample in families.get("finetune_epoch", []))
             if EXPECTED_METRICS <= {n for n, s in families.items() if s}:
                 seen = families
         except OSError:
@@ -69,6 +72,8 @@ def test_torchrun_two_ranks_train_checkpoint_and_serve_metrics(tiny_dataset, tmp
     assert all(s.value > 0 for s in seen["finetune_cpu_memory_peak_bytes"])
     assert {s.labels["component"] for s in seen["finetune_train_loss"]} == {"box", "obj", "cls"}
     assert seen["finetune_epochs_total"][0].value == 3
+    # --metrics-linger keeps the endpoint up after the last epoch: the final numbers are seen
+    assert 3.0 in epochs_seen, epochs_seen
 
     for name in ("last.pt", "best.pt", "results.csv", "metrics.json"):
         assert (out / name).is_file(), name

@@ -69,6 +69,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue from OUT/last.pt; --resume=auto continues only if it exists (what the operator passes)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="rank 0 serves Prometheus metrics on this port for the whole run")
+    p.add_argument("--metrics-linger", type=float, default=0.0, metavar="SECONDS",
+                   help="keep serving the final metrics this long after training ends, so a scraper "
+                        "sees the last epoch (default: 0)")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="one line per epoch as text or JSON when not on a terminal (default: text)")
     p.add_argument("--progress", type=_bool, default=None, metavar="true|false",
@@ -124,6 +127,7 @@ def run(argv: list[str] | None = None) -> int:
             optimizer=args.optimizer, lr0=args.lr0, lr_schedule=args.lr_schedule, patience=args.patience,
             amp=args.amp, cache=args.cache, seed=args.seed, hyp=parse_hyp_overrides(args.hyp),
             workers=args.workers, name=args.name, resume=args.resume, metrics_port=args.metrics_port,
+            metrics_linger=args.metrics_linger,
             log_format=args.log_format, device=args.device, progress=args.progress,
         )
         train(cfg)

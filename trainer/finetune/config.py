@@ -86,6 +86,7 @@ class TrainConfig:
     name: str | None = None
     resume: str | None = None  # None, "must" or "auto"
     metrics_port: int | None = None
+    metrics_linger: float = 0.0  # seconds the endpoint stays up after the run
     log_format: str = "text"
     device: str = "auto"
     progress: bool | None = None  # None: a progress bar when stderr is a terminal

@@ -436,6 +436,10 @@ class Trainer:
             self.logger.info(f"done: {len(history)} epochs, best mAP@0.5:0.95 {self.state.best_fitness:.4f} "
                              f"(epoch {self.state.best_epoch}); results in {self.out}")
         if self.metrics:
+            if self.cfg.metrics_linger > 0:
+                # Only rank 0 serves metrics; the other ranks wait at the process group's
+                # teardown, so the whole job ends together after the linger.
+                time.sleep(self.cfg.metrics_linger)
             self.metrics.shutdown()
         self.logger.close()
         return summary
