@@ -184,8 +184,8 @@ def test_volumes_pvc_emptydir_configmap_as_uid_1000(control_plane, agent, ns, tm
 def test_pods_reach_each_other_by_hostname_and_subdomain(control_plane, agent, ns):
     service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "grp"},
                "spec": {"clusterIP": "None", "selector": {"grp": "yes"}, "ports": [{"port": 8080}]}}
-    server = pod("server", f"cd /tmp && echo served-by-$(hostname) > index.html && "
-                           f"exec python3 -m http.server 8080",
+    server = pod("server", "cd /tmp && echo served-by-$(hostname) > index.html && "
+                           "exec python3 -m http.server 8080",
                  hostname="srv", subdomain="grp", securityContext={"runAsUser": 1000, "runAsGroup": 1000})
     server["metadata"]["labels"]["grp"] = "yes"
     client_code = ("import socket, time, urllib.request\n"

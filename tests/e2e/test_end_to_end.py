@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 # Loaded by tests/e2e/conftest.py (by path, under these names).
 oh = sys.modules["finetune_tests_operator_cluster"]

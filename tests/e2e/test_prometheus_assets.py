@@ -271,7 +271,8 @@ def scraped_run(installed, tmp_path_factory):
                  "--model", "yolov5n", "--epochs", str(EPOCHS), "--batch", "4", "--imgsz", "64",
                  "--workers", "0", "--metrics-port", str(trainer_port), "--hyp", "warmup_epochs=0",
                  "--device", "cpu", "--out", str(run_dir)],
-                capture_output=True, text=True, env={**env, "FINETUNE_NAME": FINETUNE}, timeout=600)
+                capture_output=True, text=True, env={**env, "FINETUNE_NAME": FINETUNE}, timeout=600,
+                preexec_fn=prom._die_with_parent)
             assert train.returncode == 0, f"finetune train failed:\n{train.stdout}\n{train.stderr}"
 
             # The operator's metrics for the same FineTune, served as finetune-operator serves them.
