@@ -395,7 +395,7 @@ def test_dashboard_panels_query_only_known_metrics():
             assert names, f"{panel['title']}: no metric in {expr!r}"
             assert names <= KNOWN_METRICS, f"{panel['title']}: unknown {names - KNOWN_METRICS}"
             # Only the dashboard's own variables, which a test harness can substitute.
-            assert set(re.findall(r"\$\{?(\w+)", expr)) <= {"namespace", "finetune"}, expr
+            assert set(re.findall(r"\$\{?(\w+)", expr)) <= {"namespace", "finetune", "__rate_interval", "__interval", "__range"}, expr
             used |= names
     required = {
         "finetune_map50", "finetune_map50_95", "finetune_train_loss", "finetune_images_per_second",
