@@ -266,12 +266,39 @@ def _install_handlers() -> None:
         signal.signal(sig, handler)
 
 
-def check_venv_for_user(python: Path, uid: int = 1000, gid: int = 1000) -> None:
-    """Fail clearly when a non-root pod user cannot run the project's venv."""
-    proc = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", str(python),
+def _run_as(python: Path, uid: int, gid: int) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", str(python),
                            "-c", "import finetune, torch"], capture_output=True, text=True, cwd="/")
+
+
+def _untraversable_ancestors(path: Path) -> list[Path]:
+    out = []
+    for p in [path, *path.parents]:
+        try:
+            if not p.stat().st_mode & 0o001:
+                out.append(p)
+        except OSError:
+            pass
+    return out
+
+
+def check_venv_for_user(python: Path, uid: int = 1000, gid: int = 1000) -> None:
+    """Make sure a non-root pod user can run the project's venv, or fail clearly.
+
+    A checkout under a private home (e.g. /root, mode 700) is unreachable for the pods'
+    uid. On this test machine we then add the traverse bit (o+x: enter, not list) to the
+    blocking ancestors, as a real node's image would simply ship the environment; set
+    FINETUNE_AGENT_FIX_PERMISSIONS=0 to refuse instead."""
+    proc = _run_as(python, uid, gid)
     if proc.returncode == 0:
         return
+    if os.environ.get("FINETUNE_AGENT_FIX_PERMISSIONS", "1") != "0":
+        for d in _untraversable_ancestors(python.parent):
+            print(f"node agent: adding o+x to {d} so that pod users (uid {uid}) can reach the venv", file=sys.stderr)
+            d.chmod(d.stat().st_mode | 0o001)
+        proc = _run_as(python, uid, gid)
+        if proc.returncode == 0:
+            return
     blocked = []
     p = python.parent
     while True:
