@@ -116,7 +116,9 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--images", type=int, default=160, help="training images in the synthetic dataset")
-    p.add_argument("--workers", type=int, default=2)
+    # One loader process per spare core: on a 2-core machine a second loader process
+    # preempts the model's two compute threads and costs more than it brings (measured).
+    p.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)))
     p.add_argument("--steps", type=int, default=8, help="timed compute-floor steps")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args()

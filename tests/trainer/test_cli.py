@@ -104,3 +104,15 @@ def test_python_api_is_reachable():
 
     assert TrainConfig.__dataclass_fields__["freeze"].default == "0"
     assert torch.__version__.startswith("2.14")
+
+
+@pytest.mark.slow
+def test_divergence_stops_with_a_readable_error_and_keeps_no_nan_checkpoint(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    done = run(finetune_cmd("train", "--data", str(tiny_dataset), "--model", "yolov5n", "--epochs", "3",
+                            "--batch", "8", "--imgsz", "64", "--workers", "0", "--lr0", "1e12",
+                            "--hyp", "warmup_epochs=0", "--hyp", "nbs=8", "--out", str(out)))
+    assert_one_line_error(done, "diverged", "--lr0")
+    if (out / "last.pt").exists():  # only epochs that ended finite were saved
+        last = torch.load(out / "last.pt", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())

@@ -349,6 +349,13 @@ class Trainer:
             stats = train_one_epoch(self.ddp_model, self.train_loader, self.optimizer, self.loss_fn, self.ema, epoch,
                                     cfg, info, self.amp_dtype, self.scaler, self.lf,
                                     on_step=self.logger.step_callback(epoch, cfg.epochs, self.metrics))
+            if not all(math.isfinite(stats[n]) for n in LOSS_NAMES):
+                # Every rank sees the same all-reduced losses, so all stop together, and the
+                # last good last.pt/best.pt are kept rather than overwritten with NaN weights.
+                raise FinetuneError(
+                    f"training diverged in epoch {epoch + 1}: the loss became NaN/inf; lower --lr0 "
+                    f"(now {self.hyp['lr0']}) or lengthen warm-up (--hyp warmup_epochs=...), then "
+                    f"--resume from the last good checkpoint or start again")
             self.scheduler.step()
             val_metrics, _preds, _metas = evaluate(self.ema.module, self.val_loader, info.device,
                                                    conf_thres=self.hyp["conf_thres"], iou_thres=self.hyp["iou_thres"],
