@@ -97,8 +97,10 @@ def real_training(data: Path, model_name: str, depth: int, batch: int, imgsz: in
     rows = list(csv.DictReader(open(run_dir / "results.csv")))
     steady = rows[1:] or rows  # the first epoch pays for worker start-up
     ips = sum(float(r["images_per_second"]) for r in steady) / len(steady)
+    data_share = sum(float(r["data_wait_s"]) for r in steady) / sum(float(r["train_time_s"]) for r in steady)
     return {
         "images_per_second": ips,
+        "data_wait_share": data_share,
         "peak_memory_bytes": int(max(float(r["memory_peak_bytes"]) for r in rows)),
         "map50": summary["best"].get("map50", 0.0),
         "map50_95": summary["best"].get("map50_95", 0.0),
@@ -148,11 +150,12 @@ def main() -> int:
     tag = "gpu" if gpu else "cpu"
     (args.out / f"freeze-{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Freeze benchmark ({name}; {model_name}, imgsz {imgsz}, batch {batch})", "",
-             "| freeze | floor img/s | training img/s | training / floor | peak memory | trainable params | mAP@0.5 |",
-             "|---|---|---|---|---|---|---|"]
+             "| freeze | floor img/s | training img/s | training / floor | waiting for data | peak memory | trainable params | mAP@0.5 |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['freeze']} | {r['floor']['images_per_second']:.1f} | "
                      f"{r['training']['images_per_second']:.1f} | {r['training_over_floor']:.0%} | "
+                     f"{r['training']['data_wait_share']:.0%} | "
                      f"{r['training']['peak_memory_bytes'] / 2**20:.0f} MiB | "
                      f"{r['training']['trainable_parameters']:,} | {r['training']['map50']:.3f} |")
     (args.out / f"freeze-{tag}.md").write_text("\n".join(lines) + "\n")

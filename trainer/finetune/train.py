@@ -150,8 +150,11 @@ def train_one_epoch(
     images = 0
     last_step = -1
     t0 = time.perf_counter()
+    data_wait = 0.0  # time spent waiting for the input pipeline (as torchvision's "data" time)
     optimizer.zero_grad(set_to_none=True)
+    t_ready = time.perf_counter()
     for i, (imgs, targets, _metas) in enumerate(loader):
+        data_wait += time.perf_counter() - t_ready
         ni = i + num_batches * epoch  # iterations since the start of training
         accumulate = accumulate_target
         if ni <= warmup_iters and warmup_iters > 0:
@@ -181,6 +184,7 @@ def train_one_epoch(
         images += imgs.shape[0]
         if on_step is not None:
             on_step(i + 1, num_batches, loss_sum / (i + 1), images)
+        t_ready = time.perf_counter()
     elapsed = time.perf_counter() - t0
     mean = all_reduce_mean(loss_sum / max(num_batches, 1), info)
     total_images = sum(all_gather_object(images, info))
@@ -190,6 +194,7 @@ def train_one_epoch(
         "images": total_images,
         "train_time_s": slowest,
         "images_per_second": total_images / slowest if slowest > 0 else 0.0,
+        "data_wait_s": max(all_gather_object(data_wait, info)),
     }
 
 
@@ -389,7 +394,7 @@ class Trainer:
             "metrics/precision": val["precision"], "metrics/recall": val["recall"],
             "metrics/mAP_0.5": val["map50"], "metrics/mAP_0.5:0.95": val["map50_95"],
             "lr": self.optimizer.param_groups[0]["lr"],
-            "epoch_time_s": epoch_time, "train_time_s": stats["train_time_s"],
+            "epoch_time_s": epoch_time, "train_time_s": stats["train_time_s"], "data_wait_s": stats["data_wait_s"],
             "images_per_second": stats["images_per_second"],
             "memory_peak_bytes": peak, "memory_kind": memory[0].device_type,
         }
