@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-helm = pytest.importorskip("helm_python", reason="helm-python-sdk (dev extra) not installed")
+import helm_python as helm  # dev extra: helm-python-sdk
 
 REPO = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO / "charts" / "finetune-operator"

