@@ -47,36 +47,10 @@ def say(msg: str) -> None:
 
 def install_operator(cp, oh, workdir: Path):
     """CRD + the chart's RBAC (helm_python) + the operator running with the chart's SA token."""
-    import helm_python as helm
-    import yaml
-    cp.kubectl("apply", "-f", str(oh.CRD))
-    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunes.finetune.dev")
-    cp.kubectl("create", "namespace", oh.OPERATOR_NAMESPACE, check=False)
-    with helm.Chart.load(oh.CHART) as chart:
-        rendered = chart.render({}, name=oh.RELEASE, namespace=oh.OPERATOR_NAMESPACE, is_install=True)
-    rbac = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
-    objects = [d for p, t in rendered.items() if not p.endswith("NOTES.txt")
-               for d in yaml.safe_load_all(t) if d and d["kind"] in rbac]
-    cp.apply(objects, namespace=oh.OPERATOR_NAMESPACE)
-    account = next(o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount")
-    kubeconfig = cp.kubeconfig_for_token(cp.create_token(oh.OPERATOR_NAMESPACE, account, duration="24h"),
-                                         name="finetune-operator")
+    kubeconfig = oh.install_crd_and_chart_rbac(cp, token_duration="24h")
     operator = oh.Operator(kubeconfig, NAMESPACE, workdir / "operator.log")
     operator.start()
     return operator
-
-
-def host_path_volume(cp, claim: str, path: Path) -> None:
-    pv = f"{NAMESPACE}-{claim}"
-    cp.apply([
-        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
-         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
-                  "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(path), "type": "Directory"},
-                  "claimRef": {"namespace": NAMESPACE, "name": claim}}},
-        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim, "namespace": NAMESPACE},
-         "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": pv,
-                  "resources": {"requests": {"storage": "1Gi"}}}},
-    ])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.mkdir(exist_ok=True)
         for d in (data, runs):
             d.chmod(0o755)
-        host_path_volume(cp, "finetune-synth-data", data)
-        host_path_volume(cp, "finetune-runs", runs)
+        cp.bind_host_path_claim(NAMESPACE, "finetune-synth-data", data)
+        cp.bind_host_path_claim(NAMESPACE, "finetune-runs", runs)
         say(f"dataset PV {data}, output PV {runs}")
         if not args.no_prometheus and shutil.which("prometheus"):
             pm = _load("finetune_tests_prometheus", REPO / "tests" / "e2e" / "prometheus.py")

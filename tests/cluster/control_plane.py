@@ -16,8 +16,6 @@ Only the standard library is needed here; ``kubectl`` (the host's) does the API 
 from __future__ import annotations
 
 import argparse
-import atexit
-import ctypes
 import datetime as _dt
 import hashlib
 import json
@@ -34,8 +32,11 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-import weakref
 from pathlib import Path
+
+# The test-infra modules are loaded by path; their shared teardown registry is one module.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import teardown  # noqa: E402
 
 K8S_VERSION = "1.20.2"
 HERE = Path(__file__).resolve().parent
@@ -90,14 +91,6 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: no orphans if pytest is SIGKILLed
-    except Exception:
-        pass
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -123,43 +116,6 @@ def _sweep_stale_dirs(base: Path) -> None:
             continue
         if not _pid_alive(pid):
             shutil.rmtree(d, ignore_errors=True)
-
-
-# Every started control plane, so atexit / SIGTERM / SIGHUP can tear them all down.
-_LIVE: "weakref.WeakSet[ControlPlane]" = weakref.WeakSet()
-_HANDLERS_INSTALLED = False
-
-
-def _stop_all() -> None:
-    for cp in list(_LIVE):
-        try:
-            cp.stop()
-        except Exception:
-            pass
-
-
-def _install_handlers() -> None:
-    global _HANDLERS_INSTALLED
-    if _HANDLERS_INSTALLED:
-        return
-    _HANDLERS_INSTALLED = True
-    atexit.register(_stop_all)
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        previous = signal.getsignal(sig)
-
-        def handler(signum, frame, previous=previous):
-            _stop_all()
-            if callable(previous):
-                previous(signum, frame)
-            else:
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-
-        signal.signal(sig, handler)
-    # SIGINT raises KeyboardInterrupt: context managers, fixtures' finalizers and atexit
-    # run as the interpreter unwinds.
 
 
 class ControlPlane:
@@ -219,8 +175,7 @@ class ControlPlane:
             self.dir = Path(tempfile.mkdtemp(prefix="finetune-k8s-", dir=base))
         (self.dir / "owner.pid").write_text(str(os.getpid()))
         self._stopped = False
-        _install_handlers()
-        _LIVE.add(self)
+        teardown.track(self)
         try:
             self._t0 = t0
             self._write_credentials()
@@ -257,7 +212,7 @@ class ControlPlane:
                 p.wait(timeout=5)
         for f in self._logs.values():
             f.close()
-        _LIVE.discard(self)
+        teardown.untrack(self)
         keep = self.keep if keep_dir is None else (keep_dir or self.keep)
         if self.dir and not keep and not self._workdir_arg:
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -324,7 +279,7 @@ class ControlPlane:
         self._logs[name] = log
         self.procs[name] = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=self.dir, start_new_session=True, preexec_fn=_die_with_parent)
+            cwd=self.dir, start_new_session=True, preexec_fn=teardown.die_with_parent)
 
     def log_tail(self, name: str, lines: int = 40) -> str:
         try:
@@ -464,6 +419,21 @@ class ControlPlane:
             manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
         ns = ["-n", namespace] if namespace else []
         return self.kubectl(*ns, "apply", "-f", "-", input=manifest).stdout
+
+    def bind_host_path_claim(self, namespace: str, claim: str, path: Path) -> None:
+        """A hostPath PV pre-bound to a PVC (the controller-manager completes the binding)."""
+        pv = f"{namespace}-{claim}"
+        self.apply([
+            {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+             "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
+                      "persistentVolumeReclaimPolicy": "Retain",
+                      "hostPath": {"path": str(path), "type": "Directory"},
+                      "claimRef": {"namespace": namespace, "name": claim}}},
+            {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+             "metadata": {"name": claim, "namespace": namespace},
+             "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": pv,
+                      "resources": {"requests": {"storage": "1Gi"}}}},
+        ])
 
     def create_token(self, namespace: str, serviceaccount: str, duration: str = "1h") -> str:
         """A bound ServiceAccount token from the TokenRequest API."""

@@ -45,7 +45,6 @@ Needs root, ``ip`` (iproute2), ``unshare``/``setpriv`` (util-linux) and the kube
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import datetime as _dt
 import json
@@ -60,9 +59,12 @@ import tempfile
 import threading
 import time
 import uuid
-import weakref
 from pathlib import Path
 from typing import Any, Iterable
+
+# The test-infra modules are loaded by path; their shared teardown registry is one module.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import teardown  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 STATE_ROOT = Path("/run/finetune-node-agent")
@@ -231,41 +233,6 @@ def _registry_update(add: Iterable[str] = (), remove_all_if_alone: bool = False,
         MOUNTPOINTS_REGISTRY.write_text(json.dumps(known))
 
 
-# Every started agent, so atexit / SIGTERM / SIGHUP can tear them all down.
-_LIVE: "weakref.WeakSet[NodeAgent]" = weakref.WeakSet()
-_HANDLERS_INSTALLED = False
-
-
-def _stop_all() -> None:
-    for agent in list(_LIVE):
-        try:
-            agent.stop()
-        except Exception:
-            pass
-
-
-def _install_handlers() -> None:
-    global _HANDLERS_INSTALLED
-    if _HANDLERS_INSTALLED:
-        return
-    _HANDLERS_INSTALLED = True
-    atexit.register(_stop_all)
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        previous = signal.getsignal(sig)
-
-        def handler(signum, frame, previous=previous):
-            _stop_all()
-            if callable(previous):
-                previous(signum, frame)
-            else:
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-
-        signal.signal(sig, handler)
-
-
 def _run_as(python: Path, uid: int, gid: int) -> subprocess.CompletedProcess:
     return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", str(python),
                            "-c", "import finetune, torch"], capture_output=True, text=True, cwd="/")
@@ -400,8 +367,7 @@ class NodeAgent:
         else:
             self.dir = Path(tempfile.mkdtemp(prefix=f"finetune-node-agent-{self.id}-"))
         self.dir.chmod(0o755)
-        _LIVE.add(self)
-        _install_handlers()
+        teardown.track(self)
         self.started = True
         self._save_state()
         try:
@@ -458,7 +424,7 @@ class NodeAgent:
         if self.dir and not self.keep and not self._workdir_arg:
             shutil.rmtree(self.dir, ignore_errors=True)
         shutil.rmtree(self.state_dir, ignore_errors=True)
-        _LIVE.discard(self)
+        teardown.untrack(self)
 
     def _save_state(self) -> None:
         (self.state_dir / "state.json").write_text(json.dumps({

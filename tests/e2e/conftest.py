@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -59,17 +58,4 @@ def node_agent(control_plane):
 @pytest.fixture(scope="session")
 def operator_kubeconfig(control_plane) -> Path:
     """Same set-up as tests/operator's fixture of that name (session-scoped here)."""
-    import helm_python as helm
-    oh = operator_helpers
-    cp = control_plane
-    cp.kubectl("apply", "-f", str(oh.CRD))
-    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunes.finetune.dev")
-    cp.kubectl("create", "namespace", oh.OPERATOR_NAMESPACE, check=False)
-    with helm.Chart.load(oh.CHART) as chart:
-        rendered = chart.render({}, name=oh.RELEASE, namespace=oh.OPERATOR_NAMESPACE, is_install=True)
-    rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
-    objects = [doc for path, text in rendered.items() if not path.endswith("NOTES.txt")
-               for doc in yaml.safe_load_all(text) if doc and doc["kind"] in rbac_kinds]
-    cp.apply(objects, namespace=oh.OPERATOR_NAMESPACE)
-    account = next(o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount")
-    return cp.kubeconfig_for_token(cp.create_token(oh.OPERATOR_NAMESPACE, account), name="finetune-operator")
+    return operator_helpers.install_crd_and_chart_rbac(control_plane)

@@ -69,15 +69,12 @@ Interactive: ``python tests/e2e/prometheus.py`` runs one until Ctrl-C and prints
 
 from __future__ import annotations
 
-import atexit
-import ctypes
 import fcntl
 import functools
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -87,12 +84,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import weakref
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import yaml
+
+# The test-infra modules are loaded by path; their shared teardown registry is one module.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
+import teardown  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO / "charts" / "finetune-operator"
@@ -127,13 +127,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:  # in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
 def _http_get(url: str, timeout: float = 10.0) -> bytes:
@@ -606,41 +599,6 @@ class HttpServiceDiscovery:
 
 
 # ------------------------------------------------------------------------------ the server
-_LIVE: "weakref.WeakSet[PrometheusServer]" = weakref.WeakSet()
-_HANDLERS_INSTALLED = False
-
-
-def _stop_all() -> None:
-    for server in list(_LIVE):
-        try:
-            server.stop()
-        except Exception:
-            pass
-
-
-def _install_handlers() -> None:
-    global _HANDLERS_INSTALLED
-    if _HANDLERS_INSTALLED:
-        return
-    _HANDLERS_INSTALLED = True
-    atexit.register(_stop_all)
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        previous = signal.getsignal(sig)
-
-        def handler(signum, frame, previous=previous):
-            _stop_all()
-            if callable(previous):
-                previous(signum, frame)
-            else:
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-
-        signal.signal(sig, handler)
-    # SIGINT raises KeyboardInterrupt: context managers, fixture finalizers and atexit run.
-
-
 class PrometheusServer:
     """A real Prometheus on 127.0.0.1:<free port> scraping what `sd` serves."""
 
@@ -713,7 +671,6 @@ class PrometheusServer:
 
     def start(self) -> "PrometheusServer":
         ensure_prometheus_installed()
-        _install_handlers()
         started = time.monotonic()
         if self._workdir_arg:
             self.dir = Path(self._workdir_arg)
@@ -736,7 +693,7 @@ class PrometheusServer:
         else:
             raise PrometheusError(last_error)
         self.startup_seconds = time.monotonic() - started
-        _LIVE.add(self)
+        teardown.track(self)
         print(f"\n[prometheus] {self.url} (config {self.config_path}, up in {self.startup_seconds:.1f}s)",
               file=sys.stderr)
         return self
@@ -751,7 +708,7 @@ class PrometheusServer:
             self._log.close()
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     cwd=self.dir, preexec_fn=_die_with_parent)
+                                     cwd=self.dir, preexec_fn=teardown.die_with_parent)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -781,7 +738,7 @@ class PrometheusServer:
         if self._log:
             self._log.close()
             self._log = None
-        _LIVE.discard(self)
+        teardown.untrack(self)
         if self.dir is not None and not self.keep and not self._workdir_arg:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None

@@ -52,20 +52,6 @@ def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
     return proc
 
 
-def host_path_volume(cp, namespace: str, claim: str, path: Path) -> None:
-    """A hostPath PV pre-bound to a PVC (the controller-manager completes the binding)."""
-    pv = f"{namespace}-{claim}"
-    cp.apply([
-        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
-         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
-                  "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(path), "type": "Directory"},
-                  "claimRef": {"namespace": namespace, "name": claim}}},
-        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim, "namespace": namespace},
-         "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": pv,
-                  "resources": {"requests": {"storage": "1Gi"}}}},
-    ])
-
-
 class E2E:
     """Everything the tests share: namespace, operator, PV dirs, the pre-training process."""
 
@@ -148,10 +134,10 @@ def e2e(control_plane, node_agent, operator_kubeconfig, prometheus_server, prome
         d.mkdir()
     for d in (env.data, env.out, env.weights, env.nodata):
         d.chmod(0o755)
-    host_path_volume(cp, namespace, "finetune-synth-data", env.data)
-    host_path_volume(cp, namespace, "finetune-runs", env.out)
-    host_path_volume(cp, namespace, "finetune-weights", env.weights)
-    host_path_volume(cp, namespace, "broken-data", env.nodata)
+    cp.bind_host_path_claim(namespace, "finetune-synth-data", env.data)
+    cp.bind_host_path_claim(namespace, "finetune-runs", env.out)
+    cp.bind_host_path_claim(namespace, "finetune-weights", env.weights)
+    cp.bind_host_path_claim(namespace, "broken-data", env.nodata)
     # Pre-training (real trainer, same classes) in the background while the failure tests run.
     env.pretrain_log = root / "pretrain.log"
     env.pretrain = subprocess.Popen(

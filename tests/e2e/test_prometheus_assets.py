@@ -272,7 +272,7 @@ def scraped_run(installed, tmp_path_factory):
                  "--workers", "0", "--metrics-port", str(trainer_port), "--hyp", "warmup_epochs=0",
                  "--device", "cpu", "--out", str(run_dir)],
                 capture_output=True, text=True, env={**env, "FINETUNE_NAME": FINETUNE}, timeout=600,
-                preexec_fn=prom._die_with_parent)
+                preexec_fn=prom.teardown.die_with_parent)
             assert train.returncode == 0, f"finetune train failed:\n{train.stdout}\n{train.stderr}"
 
             # The operator's metrics for the same FineTune, served as finetune-operator serves them.
@@ -281,7 +281,7 @@ def scraped_run(installed, tmp_path_factory):
             operator = subprocess.Popen(
                 [sys.executable, str(OPERATOR_METRICS_HELPER), "--port", str(operator_port), "--state", str(state)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                preexec_fn=prom._die_with_parent)
+                preexec_fn=prom.teardown.die_with_parent)
             assert operator.stdout.readline().strip() == "ready", "operator metrics helper did not start"
             sd.set_operator(f"127.0.0.1:{operator_port}")
             server.wait_for_targets("finetune-operator", health="up", timeout=60)

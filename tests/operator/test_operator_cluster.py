@@ -159,11 +159,11 @@ class Operator:
 
 # --- fixtures -----------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def operator_kubeconfig(control_plane) -> Path:
-    """CRD installed; the chart's ServiceAccount + ClusterRole(Binding); a token kubeconfig for it."""
+def install_crd_and_chart_rbac(cp, token_duration: str = "1h") -> Path:
+    """CRD installed; the chart's ServiceAccount + ClusterRole(Binding); a token kubeconfig for it.
+
+    Also used by tests/e2e and tests/cluster/cluster_demo.py, which load this module by path."""
     import helm_python as helm
-    cp = control_plane
     cp.kubectl("apply", "-f", str(CRD))
     cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunes.finetune.dev")
     cp.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
@@ -175,11 +175,18 @@ def operator_kubeconfig(control_plane) -> Path:
     assert {o["kind"] for o in objects} >= {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
     cp.apply(objects, namespace=OPERATOR_NAMESPACE)
     account = next(o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount")
+    return cp.kubeconfig_for_token(cp.create_token(OPERATOR_NAMESPACE, account, duration=token_duration),
+                                   name="finetune-operator")
+
+
+@pytest.fixture(scope="module")
+def operator_kubeconfig(control_plane) -> Path:
+    kubeconfig = install_crd_and_chart_rbac(control_plane)
     # The 2x4gpu sample asks for this PriorityClass; the Priority admission plugin insists on it.
-    cp.kubectl("apply", "-f", "-", input=json.dumps({
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps({
         "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
         "metadata": {"name": "training-high"}, "value": 1000}))
-    return cp.kubeconfig_for_token(cp.create_token(OPERATOR_NAMESPACE, account), name="finetune-operator")
+    return kubeconfig
 
 
 @pytest.fixture
