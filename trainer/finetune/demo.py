@@ -84,6 +84,7 @@ README_END = "<!-- demo-results:end -->"
 
 def update_readme(readme: Path, comparison: dict, compare_dir: Path, size: DemoSize) -> None:
     """Replace README's demo-results section with this run's table and plots."""
+    import os
     import platform
     import shutil
 
@@ -94,7 +95,7 @@ def update_readme(readme: Path, comparison: dict, compare_dir: Path, size: DemoS
     text = readme.read_text()
     start, end = text.index(README_START), text.index(README_END)
     start_line_end = text.index("\n", start) + 1
-    machine = f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores"
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores"
     body = (
         f"yolov5n pre-trained on synthetic {', '.join(SOURCE_CLASSES)} ({size.source_train} images, "
         f"{size.pretrain_epochs} epochs), then fine-tuned on {', '.join(TARGET_CLASSES)} ({size.target_train} images, "

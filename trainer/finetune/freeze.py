@@ -31,7 +31,7 @@ class FreezeInfo:
     freeze_bn: bool = True
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """Accept a DDP / DataParallel wrapper and return the DetectionModel inside."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
@@ -40,7 +40,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def freeze_modules(model: nn.Module, depth: int, freeze_bn: bool = True) -> FreezeInfo:
     """Freeze modules ``0..depth-1``; unfreeze the rest (so calling it again is safe)."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     count = len(model.model)
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
         raise FinetuneError(
@@ -74,7 +74,7 @@ def set_train_mode(model: nn.Module, info: FreezeInfo | None = None) -> nn.Modul
     ``DetectionModel.train()`` already applies the policy; this is the explicit spelling
     for callers holding a wrapper, and it (re)records ``info``'s policy on the model.
     """
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     if info is not None:
         inner.frozen_depth = info.depth
         inner.freeze_bn = info.freeze_bn

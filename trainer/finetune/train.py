@@ -28,7 +28,7 @@ from .data.dataset import YoloDataset, build_dataloader
 from .distributed import DistInfo, all_gather_object, all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
 from .errors import FinetuneError
 from .evaluate import evaluate
-from .freeze import freeze_modules, set_train_mode
+from .freeze import freeze_modules, set_train_mode, unwrap_model
 from .loss import YoloLoss
 from .models import build_model
 from .models.config import load_model_config, resolve_freeze
@@ -178,7 +178,7 @@ def train_one_epoch(
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            ema.update_parameters(_unwrap(model))
+            ema.update_parameters(unwrap_model(model))
             last_step = ni
         loss_sum += loss_items.detach().cpu()
         images += imgs.shape[0]
@@ -200,10 +200,6 @@ def train_one_epoch(
 
 def _interp(x: float, x1: float, y0: float, y1: float) -> float:
     return y0 + (y1 - y0) * min(max(x / x1, 0.0), 1.0)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 # --------------------------------------------------------------------------- the run
