@@ -438,4 +438,12 @@ def test_alert_rules_are_loaded_and_evaluate_on_the_scraped_series(scraped_run):
     assert by_name["FineTuneMapRegressed"]["finetune"] == OTHER
     assert by_name["FineTuneMapRegressed"]["namespace"] == NAMESPACE
     assert "FineTuneMetricsAbsent" in by_name
-    assert not any(a["labels"]["alertname"] == "FineTuneOperatorDown" for a in server.alerts())
+    # FineTuneOperatorDown was pending while no operator target existed (before the helper
+    # started) and may be again after a single slow scrape on a loaded machine; it must clear
+    # once the operator is scraped, and never fire (for: 10m).
+    def operator_down() -> list[dict]:
+        return [a for a in server.alerts() if a["labels"]["alertname"] == "FineTuneOperatorDown"]
+    deadline = time.monotonic() + 30
+    while operator_down() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert operator_down() == [], (operator_down(), server.targets("finetune-operator"))
