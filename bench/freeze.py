@@ -29,7 +29,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "trainer"))
 
-from finetune.config import DEFAULT_HYP  # noqa: E402
+from finetune.allocator import tune_malloc  # noqa: E402
+from finetune.config import DEFAULT_HYP, WORKERS_HELP, workers_arg, workers_text  # noqa: E402
+from finetune.data.dataset import auto_workers  # noqa: E402
 from finetune.data.synth import make_synthetic_dataset  # noqa: E402
 from finetune.freeze import freeze_modules, set_train_mode  # noqa: E402
 from finetune.loss import YoloLoss  # noqa: E402
@@ -82,13 +84,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def real_training(data: Path, model_name: str, depth: int, batch: int, imgsz: int, epochs: int, workers: int,
+def real_training(data: Path, model_name: str, depth: int, batch: int, imgsz: int, epochs: int, workers: int | None,
                   device: str, out: Path) -> dict:
     """The real fine-tune: `finetune train` in its own process, read back from its files."""
     run_dir = out / f"freeze-{depth}"
     cmd = [sys.executable, "-m", "finetune.cli", "train", "--data", str(data), "--model", model_name,
            "--freeze", str(depth), "--epochs", str(epochs), "--batch", str(batch), "--imgsz", str(imgsz),
-           "--workers", str(workers), "--cache", "ram", "--device", device, "--out", str(run_dir),
+           "--workers", workers_text(workers), "--cache", "ram", "--device", device, "--out", str(run_dir),
            "--hyp", "warmup_epochs=0", "--progress", "false"]
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO / "trainer")})
     summary = json.loads((run_dir / "metrics.json").read_text())
@@ -118,12 +120,11 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--images", type=int, default=160, help="training images in the synthetic dataset")
-    # One loader process per spare core: on a 2-core machine a second loader process
-    # preempts the model's two compute threads and costs more than it brings (measured).
-    p.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) - 1)))
+    p.add_argument("--workers", type=workers_arg, default=None, metavar="N|auto", help=WORKERS_HELP)
     p.add_argument("--steps", type=int, default=8, help="timed compute-floor steps")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args()
+    tune_malloc()  # the floor runs with the allocator settings `finetune train` uses
     gpu = args.gpu and torch.cuda.is_available()
     device = torch.device("cuda") if gpu else torch.device("cpu")
     model_name = args.model or ("yolov5s" if gpu else "yolov5n")
@@ -151,12 +152,15 @@ def main() -> int:
               f"{real['images_per_second']:.1f} img/s ({ratio:.0%}), peak {real['peak_memory_bytes'] / 2**20:.0f} MiB",
               flush=True)
     name = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or platform.machine()} x{os.cpu_count()} CPU"
+    workers = auto_workers(device) if args.workers is None else args.workers
     report = {"device": name, "model": model_name, "imgsz": imgsz, "batch": batch, "epochs": args.epochs,
+              "workers": workers,
               "torch": torch.__version__, "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if gpu else "cpu"
     (args.out / f"freeze-{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Freeze benchmark ({name}; {model_name}, imgsz {imgsz}, batch {batch})", "",
+    lines = [f"# Freeze benchmark ({name}; {model_name}, imgsz {imgsz}, batch {batch}, "
+             f"{workers} loader processes)", "",
              "| freeze | floor img/s | training img/s | training / floor | waiting for data | peak memory | trainable params | mAP@0.5 |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:

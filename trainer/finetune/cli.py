@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import WORKERS_HELP, workers_arg
 from .errors import EXIT_USAGE, FinetuneError
 
 
@@ -61,7 +62,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--hyp", action="append", default=[], metavar="KEY=VALUE",
                    help="override one hyperparameter (repeatable), e.g. --hyp mosaic=1.0 --hyp warmup_epochs=1")
-    p.add_argument("--workers", type=int, default=2, help="data-loader processes per rank (default: 2)")
+    p.add_argument("--workers", type=workers_arg, default=None, metavar="N|auto", help=WORKERS_HELP)
     p.add_argument("--out", required=True, type=Path,
                    help="run directory for last.pt, best.pt, results.csv and metrics.json")
     p.add_argument("--name", default=None, help="run name (default: the --out directory's name)")
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_val.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold (default: 0.001)")
     p_val.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU threshold (default: 0.6)")
     p_val.add_argument("--save-json", type=Path, default=None, help="write predictions in COCO results format here")
-    p_val.add_argument("--workers", type=int, default=2, help="data-loader processes (default: 2)")
+    p_val.add_argument("--workers", type=workers_arg, default=None, metavar="N|auto", help=WORKERS_HELP)
     p_val.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default: auto)")
 
     p_synth = sub.add_parser("synth", help="write a deterministic synthetic shapes dataset with a data.yaml")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .config import WORKERS_HELP, workers_arg, workers_text
 from .errors import FinetuneError
 
 DEFAULT_DEPTHS = ("0", "backbone", "all-but-detect")
@@ -34,7 +35,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=10, help="epochs per run (default: 10)")
     p.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
     p.add_argument("--imgsz", type=int, default=640, help="image size (default: 640)")
-    p.add_argument("--workers", type=int, default=2, help="data-loader processes (default: 2)")
+    p.add_argument("--workers", type=workers_arg, default=None, metavar="N|auto", help=WORKERS_HELP)
     p.add_argument("--cache", choices=("none", "ram"), default="none", help="image cache (default: none)")
     p.add_argument("--seed", type=int, default=0, help="random seed, the same for every run (default: 0)")
     p.add_argument("--hyp", action="append", default=[], metavar="KEY=VALUE", help="hyperparameter override (repeatable)")
@@ -66,7 +67,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
 def train_command(args: argparse.Namespace, depth: str, run_dir: Path) -> list[str]:
     cmd = [sys.executable, "-m", "finetune.cli", "train", "--data", str(args.data), "--model", str(args.model),
            "--freeze", depth, "--epochs", str(args.epochs), "--batch", str(args.batch), "--imgsz", str(args.imgsz),
-           "--workers", str(args.workers), "--cache", args.cache, "--seed", str(args.seed), "--device", args.device,
+           "--workers", workers_text(args.workers), "--cache", args.cache, "--seed", str(args.seed), "--device", args.device,
            "--out", str(run_dir), "--name", run_dir.name]
     if args.weights:
         cmd += ["--weights", str(args.weights)]

@@ -6,6 +6,7 @@ can carry their `--hyp` overrides across; `--hyp KEY=VALUE` overrides one of the
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,25 @@ def parse_hyp_overrides(items: list[str] | None) -> dict[str, float]:
     return out
 
 
+def workers_arg(value: str) -> int | None:
+    """``--workers``: a process count, or ``auto`` (None) for :func:`auto_workers`."""
+    v = value.strip().lower()
+    if v == "auto":
+        return None
+    if v.isdigit():
+        return int(v)
+    raise argparse.ArgumentTypeError(f"expected a number of processes (0 = load in the training process) or 'auto', got {value!r}")
+
+
+WORKERS_HELP = ("data-loader processes per rank; 0 loads in the training process; auto = one per spare core on "
+                "CUDA (at most 8), on CPU 0 up to 2 cores per rank, else one per 4 cores (default: auto)")
+
+
+def workers_text(workers: int | None) -> str:
+    """The ``--workers`` value that means ``workers`` (for the commands we start)."""
+    return "auto" if workers is None else str(workers)
+
+
 @dataclass
 class TrainConfig:
     data: Path
@@ -82,7 +102,7 @@ class TrainConfig:
     cache: str = "none"
     seed: int = 0
     hyp: dict[str, float] = field(default_factory=dict)
-    workers: int = 2
+    workers: int | None = None  # data-loader processes per rank; None = auto_workers()
     name: str | None = None
     resume: str | None = None  # None, "must" or "auto"
     metrics_port: int | None = None

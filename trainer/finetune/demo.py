@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .compare import run_compare
+from .config import WORKERS_HELP, workers_arg, workers_text
 from .data.synth import make_synthetic_dataset
 from .errors import EXIT_USAGE, FinetuneError
 
@@ -56,7 +57,7 @@ def free_port(preferred: int) -> int:
     return preferred
 
 
-def pretrain(out: Path, data: Path, size: DemoSize, workers: int, device: str) -> Path:
+def pretrain(out: Path, data: Path, size: DemoSize, workers: int | None, device: str) -> Path:
     """Train the stand-in for 'COCO weights' once; later demos reuse it."""
     best = out / "best.pt"
     done = out / "metrics.json"
@@ -67,7 +68,7 @@ def pretrain(out: Path, data: Path, size: DemoSize, workers: int, device: str) -
         (out / stale).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "finetune.cli", "train", "--data", str(data), "--model", "yolov5n",
            "--epochs", str(size.pretrain_epochs), "--batch", str(size.batch), "--imgsz", str(size.imgsz),
-           "--workers", str(workers), "--cache", "ram", "--device", device, "--out", str(out), "--name", "pretrain",
+           "--workers", workers_text(workers), "--cache", "ram", "--device", device, "--out", str(out), "--name", "pretrain",
            "--hyp", "nbs=16", "--hyp", "warmup_epochs=1", "--hyp", "mosaic=0.5",
            # AdamW trains a from-scratch stand-in for "COCO weights" fast and stably.
            "--optimizer", "AdamW", "--lr0", "0.002", "--hyp", "lrf=0.1"]
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m finetune.demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where everything goes (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a reduced size for CI: fewer images and epochs")
-    p.add_argument("--workers", type=int, default=2, help="data-loader processes (default: 2)")
+    p.add_argument("--workers", type=workers_arg, default=None, metavar="N|auto", help=WORKERS_HELP)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default: auto)")
     p.add_argument("--metrics-port", type=int, default=9400, help="live metrics port (default: 9400, else a free one)")
     p.add_argument("--update-readme", type=Path, default=None, metavar="README",

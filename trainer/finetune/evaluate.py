@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_convert
 
+from .data.augment import images_to_float
 from .errors import FinetuneError
 
 MAX_NMS_CANDIDATES = 30000  # boxes per image handed to NMS, highest scores first
@@ -371,7 +372,7 @@ def evaluate(
     try:
         for batch in dataloader:
             images, targets, metas = _unpack_batch(batch)
-            images = images.to(device, non_blocking=True).float() / 255.0
+            images = images_to_float(images.to(device, non_blocking=True))
             with _autocast(device, amp_dtype):
                 out = model(images)
             pred, raw = out if isinstance(out, (tuple, list)) else (out, None)

@@ -21,10 +21,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
 from . import __version__
+from .allocator import tune_malloc
 from .checkpoint import CHECKPOINT_FORMAT, load_resume_checkpoint, save_checkpoint, write_json, write_results_csv
 from .config import TrainConfig
+from .data.augment import images_to_float, resolve_hyp
 from .data.config import load_data_config
-from .data.dataset import YoloDataset, build_dataloader
+from .data.dataset import YoloDataset, auto_workers, build_dataloader
 from .distributed import DistInfo, all_gather_object, all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
 from .errors import FinetuneError
 from .evaluate import evaluate
@@ -142,6 +144,7 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over this rank's shard; returns mean losses and throughput."""
     hyp = cfg.hyperparameters
+    color_hyp = resolve_hyp(hyp)  # the batch's colour jitter (the loader does the geometry)
     num_batches = len(loader)
     warmup_iters = round(hyp["warmup_epochs"] * num_batches)
     accumulate_target = max(round(hyp["nbs"] / cfg.batch), 1)
@@ -164,7 +167,7 @@ def train_one_epoch(
                 group["lr"] = _interp(ni, warmup_iters, start_lr, group["initial_lr"] * lf(epoch))
                 if "momentum" in group:
                     group["momentum"] = _interp(ni, warmup_iters, hyp["warmup_momentum"], hyp["momentum"])
-        imgs = imgs.to(info.device, non_blocking=True).float().div_(255)
+        imgs = images_to_float(imgs.to(info.device, non_blocking=True), color_hyp)
         targets = targets.to(info.device)
         with torch.autocast(info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             preds = model(imgs)
@@ -261,11 +264,14 @@ class Trainer:
                                 f"(labels/<image>.txt next to images/) with 'class cx cy w h' lines")
         self.logger.info(f"train: {self.train_set.summary()}")
         self.logger.info(f"val: {self.val_set.summary()}")
+        self.workers = auto_workers(info.device) if cfg.workers is None else cfg.workers
+        self.logger.info(f"data loading: {self.workers} loader process(es) per rank" if self.workers else
+                         "data loading: in the training process (--workers 0)")
         self.train_loader, self.train_sampler = build_dataloader(
-            self.train_set, self.batch_per_rank, cfg.workers, shuffle=True, distributed=info.distributed,
+            self.train_set, self.batch_per_rank, self.workers, shuffle=True, distributed=info.distributed,
             seed=cfg.seed, drop_last=False)
         self.val_loader, _ = build_dataloader(
-            self.val_set, self.batch_per_rank, cfg.workers, shuffle=False, distributed=info.distributed, seed=cfg.seed)
+            self.val_set, self.batch_per_rank, self.workers, shuffle=False, distributed=info.distributed, seed=cfg.seed)
         self.loss_fn = YoloLoss.from_model(self.model, self.hyp, cfg.imgsz)
 
         self.metrics = None
@@ -455,6 +461,7 @@ class Trainer:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run a fine-tune described by `cfg` (alone or as one torchrun rank)."""
+    tune_malloc()  # before the first large allocation; loader workers inherit it
     info = init_distributed(cfg.device)
     try:
         return Trainer(cfg, info).fit()

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .data.config import load_data_config
-from .data.dataset import YoloDataset, build_dataloader
+from .data.dataset import YoloDataset, auto_workers, build_dataloader
 from .distributed import select_device
 from .errors import FinetuneError
 from .evaluate import evaluate, to_coco_results
@@ -35,7 +35,7 @@ def model_from_checkpoint(weights: Path, nc: int | None = None):
 
 
 def validate(data: Path, weights: Path, imgsz: int = 640, batch: int = 16, conf_thres: float = 0.001,
-             iou_thres: float = 0.6, save_json: Path | None = None, workers: int = 2,
+             iou_thres: float = 0.6, save_json: Path | None = None, workers: int | None = None,
              device: str = "auto") -> dict[str, Any]:
     configure_logging("text", 0)
     if imgsz % 32:
@@ -46,6 +46,7 @@ def validate(data: Path, weights: Path, imgsz: int = 640, batch: int = 16, conf_
     model = model.to(dev).eval()
     dataset = YoloDataset(data_cfg.val, imgsz, augment=False, nc=data_cfg.nc)
     log.info(f"val: {dataset.summary()}")
+    workers = auto_workers(dev) if workers is None else workers
     loader, _ = build_dataloader(dataset, batch, workers, shuffle=False, distributed=False)
     metrics, predictions, metas = evaluate(model, loader, dev, conf_thres=conf_thres, iou_thres=iou_thres)
     if save_json is not None:

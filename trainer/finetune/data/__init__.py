@@ -3,7 +3,7 @@ factory, and a synthetic shapes dataset for tests and demos."""
 
 from finetune.data.augment import DEFAULT_HYP, resolve_hyp
 from finetune.data.config import DataConfig, label_path_for, load_data_config
-from finetune.data.dataset import YoloDataset, build_dataloader, collate_fn
+from finetune.data.dataset import YoloDataset, auto_workers, build_dataloader, collate_fn
 from finetune.data.synth import SHAPES, make_synthetic_dataset
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "SHAPES",
     "DataConfig",
     "YoloDataset",
+    "auto_workers",
     "build_dataloader",
     "collate_fn",
     "label_path_for",
