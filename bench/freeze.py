@@ -44,7 +44,7 @@ def compute_floor(model_name: str, nc: int, depth: int, batch: int, imgsz: int, 
                   amp: str, steps: int, warmup: int) -> dict:
     """Images/s and peak memory of pure training steps on random tensors."""
     torch.manual_seed(0)
-    model = build_model(model_name, nc=nc).to(device)
+    model = build_model(model_name, nc=nc).to(device, memory_format=torch.channels_last)  # as `finetune train`
     freeze_modules(model, depth)
     set_train_mode(model)
     hyp = dict(DEFAULT_HYP)
@@ -52,7 +52,7 @@ def compute_floor(model_name: str, nc: int, depth: int, batch: int, imgsz: int, 
     loss_fn = YoloLoss.from_model(model, hyp, imgsz)
     amp_dtype = resolve_amp(amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    imgs = torch.rand(batch, 3, imgsz, imgsz, device=device)
+    imgs = torch.rand(batch, 3, imgsz, imgsz, device=device).contiguous(memory_format=torch.channels_last)
     n = 4 * batch
     targets = torch.cat([torch.arange(batch).repeat(4)[:, None].float(), torch.randint(0, nc, (n, 1)).float(),
                          torch.rand(n, 2) * 0.6 + 0.2, torch.rand(n, 2) * 0.3 + 0.05], 1).to(device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -391,16 +392,58 @@ def test_grayscale_16bit_png_and_bmp_decode_to_rgb_uint8(tmp_path):
     assert ds[0][0][:, 8:24].unique().tolist() == [156]
 
 
-@pytest.mark.parametrize("scale,translate", [(0.5, (10.0, -5.0)), (1.3, (-20.0, 7.0)), (1.0, (0.0, 0.0))])
+@pytest.mark.parametrize("scale,translate", [(0.5, (10.0, -5.0)), (1.3, (-20.0, 7.0)), (1.0, (0.0, 0.0)),
+                                             (1.5, (6.0, -6.0)), (1.47, (-6.3, 5.9)), (0.53, (6.4, 6.4))])
 def test_scale_translate_fast_path_boxes_follow_the_pixels(scale, translate):
     from finetune.data.augment import scale_translate, warp_boxes
 
     image = torch.full((3, 64, 64), 0, dtype=torch.uint8)
     image[:, 20:40, 10:30] = 255  # a white box x 10..30, y 20..40 (pixel edges)
     out, matrix = scale_translate(image, scale, translate, 64)
-    box = warp_boxes(torch.tensor([[10.0, 20.0, 30.0, 40.0]]), matrix)[0]
+    box = torch.from_numpy(warp_boxes(np.array([[10.0, 20.0, 30.0, 40.0]]), matrix)[0])
     ys, xs = torch.nonzero(out[0] > 200, as_tuple=True)
     found = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
     assert torch.allclose(box.float().clamp(0, 64), found, atol=1.01), (box, found)
     # outside the pasted image the canvas is the letterbox gray
     assert out.shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("scale,translate", [(1.5, (6.0, -6.0)), (1.21, (-3.7, 2.2)), (0.6, (5.0, 1.0)), (1.0, (0.0, 0.0))])
+def test_scale_translate_resizes_only_the_visible_part_as_a_whole_resize_would(scale, translate):
+    """Resizing just the visible crop gives (nearly) the pixels of resizing the whole image
+    and pasting it: only bilinear sampling phases differ."""
+    from finetune.data.augment import scale_translate
+    from torchvision.transforms.v2 import functional as TF
+
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(48.0), indexing="ij")
+    smooth = (127 + 60 * torch.sin(xx / 5) + 60 * torch.cos(yy / 7)).to(torch.uint8).expand(3, 64, 48).contiguous()
+    out, matrix = scale_translate(smooth, scale, translate, 64)
+    new_h, new_w = round(64 * scale), round(48 * scale)
+    whole = TF.resize(smooth, [new_h, new_w], antialias=False)
+    reference = torch.full((3, 64, 64), 114, dtype=torch.uint8)
+    ox, oy = round(32 + translate[0] - 48 * scale / 2), round(32 + translate[1] - 64 * scale / 2)
+    x0, y0, x1, y1 = max(ox, 0), max(oy, 0), min(ox + new_w, 64), min(oy + new_h, 64)
+    reference[:, y0:y1, x0:x1] = whole[:, y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+    inside = torch.zeros(64, 64, dtype=torch.bool)
+    inside[y0 + 1:y1 - 1, x0 + 1:x1 - 1] = True  # edges may move by one pixel (rounding)
+    diff = (out.int() - reference.int()).abs()[:, inside]
+    # (a slope of up to ~9 levels per pixel: a sub-pixel phase gives a few levels, a shifted
+    # crop tens of levels)
+    assert diff.float().mean() < 6 and diff.max() <= 25, (diff.float().mean(), diff.max())
+    # The map sends the source's corners to where the whole resize puts them (both round
+    # sizes to whole pixels, differently: ±1.5 px).
+    corners = matrix @ torch.tensor([[0.0, 48.0], [0.0, 64.0], [1.0, 1.0]], dtype=torch.float64)
+    assert abs(corners[0, 0] - ox) <= 1.5 and abs(corners[1, 0] - oy) <= 1.5
+    assert abs(corners[0, 1] - (ox + new_w)) <= 1.5 and abs(corners[1, 1] - (oy + new_h)) <= 1.5
+
+
+@pytest.mark.parametrize("gain", [(1.3, 0.7), (-1.0, 1.0), (0.5, -2.0)])
+def test_warp_boxes_of_axis_aligned_maps_and_mirrors(gain):
+    from finetune.data.augment import warp_boxes
+
+    boxes = np.array([[10.0, 20.0, 30.0, 45.0], [0.0, 0.0, 5.0, 1.0]], dtype=np.float32)
+    matrix = torch.tensor([[gain[0], 0.0, 7.5], [0.0, gain[1], -3.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    xs, ys = boxes[:, [0, 2, 2, 0]], boxes[:, [1, 1, 3, 3]]
+    tx, ty = gain[0] * xs + 7.5, gain[1] * ys - 3.0
+    expected = np.stack([tx.min(1), ty.min(1), tx.max(1), ty.max(1)], 1)
+    assert np.allclose(warp_boxes(boxes, matrix), expected)

@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from finetune.data.augment import (
-    PAD_VALUE,
     augment_sample,
+    channels_last,
+    gray_canvas,
     mosaic4,
     normalized_to_letterbox,
     pad_to_square,
@@ -174,8 +175,8 @@ class YoloDataset(Dataset):
         if image is None:
             return None
         orig_shape = (int(image.shape[1]), int(image.shape[2]))
-        resized, _ = resize_longest(image, self.imgsz)
-        return resized.contiguous(), orig_shape
+        resized, _ = resize_longest(channels_last(image), self.imgsz)
+        return channels_last(resized), orig_shape
 
     def load_resized(self, index: int) -> tuple[torch.Tensor, tuple[int, int], bool]:
         """(resized image, original (h, w), ok) for ``index``, from the cache or disk.
@@ -194,20 +195,16 @@ class YoloDataset(Dataset):
         if path not in self._warned:
             self._warned.add(path)
             log.warning("%scannot decode %s; using a blank image without labels", self.prefix, path)
-        blank = torch.full((3, self.imgsz, self.imgsz), PAD_VALUE, dtype=torch.uint8)
+        blank = gray_canvas(self.imgsz, self.imgsz)
         return blank, (self.imgsz, self.imgsz), False
 
-    def _labels_tensor(self, index: int, ok: bool) -> torch.Tensor:
-        labels = self.labels[index] if ok else self.labels[index][:0]
-        return torch.from_numpy(labels)
-
-    def _load_sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, _Shape]:
+    def _load_sample(self, index: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray, _Shape]:
         """(resized image, boxes xyxy in its pixels, classes, original (h, w)) for one index."""
         resized, orig_shape, ok = self.load_resized(index)
-        labels = self._labels_tensor(index, ok)
+        labels = self.labels[index] if ok else self.labels[index][:0]
         ratio = self.imgsz / max(orig_shape)
         boxes = normalized_to_letterbox(labels[:, 1:5], orig_shape, ratio, (0, 0))
-        return resized, boxes, labels[:, 0].clone(), orig_shape
+        return resized, boxes, labels[:, 0].copy(), orig_shape
 
     def _use_mosaic(self) -> bool:
         p = self.hyp["mosaic"]
@@ -224,15 +221,17 @@ class YoloDataset(Dataset):
         if self._use_mosaic():
             others = [self._load_sample(i)[:3] for i in torch.randint(len(self), (3,)).tolist()]
             image, boxes, classes = mosaic4([(resized, boxes, classes), *others], self.imgsz)
+        elif self.augment:
+            image = resized  # the random geometry centres it on the square itself
         else:
             image, pad = pad_to_square(resized, self.imgsz)
-            boxes = boxes + torch.tensor([pad[0], pad[1], pad[0], pad[1]], dtype=boxes.dtype)
+            boxes = boxes + np.array([pad[0], pad[1], pad[0], pad[1]], dtype=np.float32)
         if self.augment:
             image, boxes, classes = augment_sample(image, boxes, classes, self.hyp, self.imgsz)
-        targets = torch.zeros((len(boxes), 6), dtype=torch.float32)
+        targets = np.zeros((len(boxes), 6), dtype=np.float32)
         if len(boxes):
             targets[:, 1] = classes
-            targets[:, 2:] = xyxy_to_xywhn(boxes.float(), self.imgsz, self.imgsz).clamp_(0, 1)
+            targets[:, 2:] = np.clip(xyxy_to_xywhn(boxes, self.imgsz, self.imgsz), 0, 1)
         meta = {
             "path": str(self.image_paths[index]),
             "image_id": int(index),
@@ -240,7 +239,7 @@ class YoloDataset(Dataset):
             "ratio": self.imgsz / max(orig_shape),
             "pad": pad,
         }
-        return image.contiguous(), targets, meta
+        return channels_last(image), torch.from_numpy(targets), meta
 
 
 # ---------------------------------------------------------------------- file checks
@@ -286,7 +285,7 @@ def decode_rgb(path: Path) -> torch.Tensor | None:
             return image
         with Image.open(path) as im:
             array = np.asarray(im.convert("RGB"))
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)  # channels-last already
     except Exception:  # corrupt data raises RuntimeError/OSError/ValueError, varying by codec
         return None
 
@@ -339,11 +338,14 @@ def parse_label_line(line: str, nc: int | None) -> list[float] | None:
 
 # ---------------------------------------------------------------------- batching
 def collate_fn(batch):
-    """Stack images; concatenate targets with column 0 = the image's index in the batch."""
+    """Stack images into a channels-last ``[n, 3, H, W]`` batch (stacking channels-last
+    samples any other way would transpose every pixel); concatenate targets with column 0 =
+    the image's index in the batch."""
     images, targets, metas = zip(*batch)
     for i, t in enumerate(targets):
         t[:, 0] = i
-    return torch.stack(images), torch.cat(targets, 0), list(metas)
+    stacked = torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+    return stacked, torch.cat(targets, 0), list(metas)
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -47,7 +47,10 @@ class Detect(nn.Module):
         for conv, x in zip(self.m, xs):
             y = conv(x)
             bs, _, ny, nx = y.shape
-            raw.append(y.view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous())
+            # Channels (anchor-major, then outputs) last, from either memory layout: a
+            # channels-last map (how the trainer runs the model) needs no copy here.
+            y = y.permute(0, 2, 3, 1).reshape(bs, ny, nx, self.na, self.no)
+            raw.append(y.permute(0, 3, 1, 2, 4).contiguous())
         if self.training:
             return raw
         return torch.cat([self._decode(i, p) for i, p in enumerate(raw)], 1), raw
