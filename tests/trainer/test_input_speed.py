@@ -1,0 +1,144 @@
+"""The CPU speed measures of the input path and the trainer: batch colour jitter, channels-last
+layout, the loader-process heuristic and the allocator settings. Each keeps the results the
+plain way would give; these tests check that (speed itself is bench/freeze.py's business)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from finetune.config import workers_arg
+from finetune.data import augment as A
+from finetune.data.dataset import YoloDataset, auto_workers, collate_fn
+from finetune.models.yolo import build_model
+
+CL = torch.channels_last
+
+
+def _batch(n=4, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_batch_colour_jitter_applies_each_images_own_matrix_and_keeps_the_layout(layout):
+    images = _batch()
+    if layout == "channels_last":
+        images = images.contiguous(memory_format=CL)
+    hyp = A.resolve_hyp({"hsv_h": 0.3, "hsv_s": 0.9, "hsv_v": 0.5})
+    torch.manual_seed(7)
+    out = A.images_to_float(images, hyp)
+    torch.manual_seed(7)
+    matrices = A.random_color_matrices(len(images), hyp)
+    expected = torch.einsum("nij,njhw->nihw", matrices.double(), images.double() / 255).clamp(0, 1)
+    assert torch.allclose(out.double(), expected, atol=1e-5)
+    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=CL) == (layout == "channels_last")
+    assert not torch.allclose(matrices[0], matrices[1])  # one draw per image
+    # The jitter really changes colours, within [0, 1].
+    assert (out - images.float() / 255).abs().max() > 0.05 and out.min() >= 0 and out.max() <= 1
+
+
+def test_colour_matrices_match_hsv_semantics():
+    hue0 = torch.zeros(1)
+    # value scales every channel; saturation 0 leaves luma gray; hue by a full turn is identity
+    v = A.color_matrices(hue0, torch.ones(1), torch.tensor([0.5]))[0]
+    assert torch.allclose(v, 0.5 * torch.eye(3), atol=1e-6)
+    gray = A.color_matrices(hue0, torch.zeros(1), torch.ones(1))[0] @ torch.tensor([1.0, 0.0, 0.0])
+    assert torch.allclose(gray, torch.full((3,), 0.299), atol=1e-6)
+    turn = A.color_matrices(torch.ones(1), torch.ones(1), torch.ones(1))[0]
+    assert torch.allclose(turn, torch.eye(3), atol=1e-6)
+    # a third of a turn maps red to green, as HSV's hue does
+    third = A.color_matrices(torch.tensor([1 / 3]), torch.ones(1), torch.ones(1))[0]
+    assert torch.allclose(third @ torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0]), atol=1e-6)
+
+
+def test_no_gains_or_no_hyp_is_a_plain_conversion():
+    images = _batch().contiguous(memory_format=CL)
+    off = A.resolve_hyp({"hsv_h": 0, "hsv_s": 0, "hsv_v": 0})
+    for hyp in (None, off):
+        out = A.images_to_float(images, hyp)
+        assert torch.equal(out, images.float() / 255) and out.is_contiguous(memory_format=CL)
+
+
+def test_samples_and_batches_are_channels_last_with_unchanged_values(tiny_dataset):
+    from finetune.data.config import load_data_config
+
+    cfg = load_data_config(tiny_dataset)
+    ds = YoloDataset(cfg.train, imgsz=64, augment=False, nc=cfg.nc)
+    samples = [ds[i] for i in range(3)]
+    for image, _, _ in samples:
+        assert image.shape == (3, 64, 64) and image.permute(1, 2, 0).is_contiguous()
+    images, targets, _ = collate_fn(samples)
+    assert images.is_contiguous(memory_format=CL)
+    assert torch.equal(images, torch.stack([s[0].contiguous() for s in samples]))
+    assert targets[:, 0].tolist() == sorted(targets[:, 0].tolist())
+
+
+def test_model_outputs_do_not_depend_on_the_memory_layout():
+    torch.manual_seed(0)
+    model = build_model("yolov5n", nc=3).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        plain, raw_plain = model(x)
+        model_cl = model.to(memory_format=CL)
+        cl, raw_cl = model_cl(x.contiguous(memory_format=CL))
+    assert torch.allclose(plain, cl, atol=1e-4, rtol=1e-4)
+    for a, b in zip(raw_plain, raw_cl):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device,cpus,local,expected", [
+    ("cuda", 16, 1, 8), ("cuda", 16, 4, 3), ("cuda", 2, 1, 1), ("cuda", 1, 1, 0),
+    ("cpu", 2, 1, 0), ("cpu", 4, 2, 0), ("cpu", 8, 1, 2), ("cpu", 64, 1, 8),
+])
+def test_auto_workers(monkeypatch, device, cpus, local, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+    assert auto_workers(torch.device(device)) == expected
+
+
+def test_workers_flag_accepts_a_count_or_auto():
+    import argparse
+
+    assert workers_arg("auto") is None and workers_arg("0") == 0 and workers_arg(" 3 ") == 3
+    with pytest.raises(argparse.ArgumentTypeError, match="'auto'"):
+        workers_arg("two")
+
+
+def _tuned(env: dict[str, str]) -> str:
+    code = "from finetune.allocator import tune_malloc; print(tune_malloc())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_malloc_tuning_applies_on_glibc_and_yields_to_the_users_settings():
+    assert _tuned({}) == "True"  # Debian's glibc
+    assert _tuned({"FINETUNE_MALLOC_TUNING": "0"}) == "False"
+    assert _tuned({"MALLOC_TOP_PAD_": "0"}) == "False"
+
+
+def test_numpy_box_path_keeps_boxes_inside_and_classes_aligned():
+    torch.manual_seed(3)
+    hyp = A.resolve_hyp({"scale": 0.5, "translate": 0.2, "fliplr": 0.5, "flipud": 0.5})
+    image = torch.zeros(3, 40, 64, dtype=torch.uint8)
+    boxes = np.array([[5, 5, 20, 30], [30, 10, 60, 35], [0, 0, 3, 3]], dtype=np.float32)
+    classes = np.array([0, 1, 2], dtype=np.float32)
+    for _ in range(50):
+        out_image, out_boxes, out_classes = A.augment_sample(image, boxes, classes, hyp, 64)
+        assert out_image.shape == (3, 64, 64)
+        assert out_boxes.dtype == np.float32 and len(out_boxes) == len(out_classes)
+        assert (out_boxes >= 0).all() and (out_boxes <= 64).all()
+        assert (out_boxes[:, 2:] > out_boxes[:, :2]).all()
+        # scale/translate/flips keep aspect ratios: class 0 (portrait) and 1 (landscape)
+        # stay recognisable unless the border clipped them
+        inside = (out_boxes[:, 0] > 0) & (out_boxes[:, 1] > 0) & (out_boxes[:, 2] < 64) & (out_boxes[:, 3] < 64)
+        w, h = out_boxes[:, 2] - out_boxes[:, 0], out_boxes[:, 3] - out_boxes[:, 1]
+        assert (w[inside & (out_classes == 0)] < h[inside & (out_classes == 0)]).all()
+        assert (w[inside & (out_classes == 1)] > h[inside & (out_classes == 1)]).all()
