@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from finetune import distributed
 from finetune.config import workers_arg
 from finetune.data import augment as A
 from finetune.data.dataset import YoloDataset, auto_workers, collate_fn
+from finetune.distributed import usable_cpus
 from finetune.models.yolo import build_model
 
 CL = torch.channels_last
@@ -92,14 +94,45 @@ def test_model_outputs_do_not_depend_on_the_memory_layout():
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("device,cpus,local,expected", [
-    ("cuda", 16, 1, 8), ("cuda", 16, 4, 3), ("cuda", 2, 1, 1), ("cuda", 1, 1, 0),
-    ("cpu", 2, 1, 0), ("cpu", 4, 2, 0), ("cpu", 8, 1, 2), ("cpu", 64, 1, 8),
+@pytest.mark.parametrize("device,cpus,expected", [
+    ("cuda", 16, 8), ("cuda", 4, 3), ("cuda", 2, 1), ("cuda", 1, 0),
+    ("cpu", 1, 0), ("cpu", 2, 0), ("cpu", 8, 2), ("cpu", 64, 8),
 ])
-def test_auto_workers(monkeypatch, device, cpus, local, expected):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
-    assert auto_workers(torch.device(device)) == expected
+def test_auto_workers(device, cpus, expected):
+    assert auto_workers(torch.device(device), cpus_per_rank=cpus) == expected
+
+
+def test_usable_cpus_honours_the_container_cpu_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    cpu_max, v1 = tmp_path / "cpu.max", tmp_path / "v1"
+    v1.mkdir()
+    assert usable_cpus(cpu_max, v1) == 16  # no cgroup files: the affinity
+    cpu_max.write_text("max 100000\n")
+    assert usable_cpus(cpu_max, v1) == 16  # no limit
+    cpu_max.write_text("250000 100000\n")
+    assert usable_cpus(cpu_max, v1) == 2  # limit 2.5 CPUs
+    cpu_max.write_text("50000 100000\n")
+    assert usable_cpus(cpu_max, v1) == 1  # never 0
+    cpu_max.unlink()
+    (v1 / "cpu.cfs_quota_us").write_text("400000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(cpu_max, v1) == 4  # cgroup v1
+    monkeypatch.setattr(distributed, "usable_cpus", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert distributed.cpus_per_process() == 4
+
+
+def test_cpu_threads_follow_the_share_unless_omp_num_threads_is_set(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(distributed, "cpus_per_process", lambda: 1)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert distributed.set_cpu_threads(torch.device("cpu")) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert distributed.set_cpu_threads(torch.device("cpu")) is None
+        assert distributed.set_cpu_threads(torch.device("cuda")) is None
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_workers_flag_accepts_a_count_or_auto():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,54 @@ def select_device(requested: str, local_rank: int) -> torch.device:
         raise FinetuneError("--device cuda was requested but no CUDA GPU is visible; "
                             "use --device cpu or run on a GPU node")
     return torch.device("cpu")
+
+
+CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+
+
+def _cgroup_cpu_quota(cpu_max: Path, v1_dir: Path) -> float | None:
+    """CPUs the container's CPU limit allows (quota / period), or None without a limit."""
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((v1_dir / "cpu.cfs_quota_us").read_text())
+        period_us = int((v1_dir / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cpus(cpu_max: Path = CGROUP_V2_CPU_MAX, v1_dir: Path = CGROUP_V1_CPU) -> int:
+    """CPUs this process can use: its CPU affinity, capped by the container's CPU limit.
+
+    Kubernetes enforces a pod's CPU limit as a CFS quota, not an affinity, so on a 64-core
+    node a pod limited to 2 CPUs still "sees" 64; running 64 threads there only throttles.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpu_quota(cpu_max, v1_dir)
+    if quota is not None:
+        cpus = min(cpus, int(quota))  # a fraction of a CPU more is not worth another thread
+    return max(1, cpus)
+
+
+def cpus_per_process() -> int:
+    """This process's share of the usable CPUs (torchrun's processes on a node share them)."""
+    return max(1, usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def set_cpu_threads(device: torch.device) -> int | None:
+    """On CPU, one compute thread per CPU of this process's share, unless OMP_NUM_THREADS
+    says otherwise (torchrun sets it to 1 for several processes per node). Returns the
+    count set, or None."""
+    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return None
+    threads = cpus_per_process()
+    torch.set_num_threads(threads)
+    return threads
 
 
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:

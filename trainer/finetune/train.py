@@ -27,7 +27,8 @@ from .config import TrainConfig
 from .data.augment import images_to_float, resolve_hyp
 from .data.config import load_data_config
 from .data.dataset import YoloDataset, auto_workers, build_dataloader
-from .distributed import DistInfo, all_gather_object, all_reduce_mean, barrier, broadcast_object, cleanup, init_distributed
+from .distributed import (DistInfo, all_gather_object, all_reduce_mean, barrier, broadcast_object, cleanup,
+                          init_distributed, set_cpu_threads)
 from .errors import FinetuneError
 from .evaluate import evaluate
 from .freeze import freeze_modules, set_train_mode, unwrap_model
@@ -267,8 +268,10 @@ class Trainer:
         self.logger.info(f"train: {self.train_set.summary()}")
         self.logger.info(f"val: {self.val_set.summary()}")
         self.workers = auto_workers(info.device) if cfg.workers is None else cfg.workers
-        self.logger.info(f"data loading: {self.workers} loader process(es) per rank" if self.workers else
-                         "data loading: in the training process (--workers 0)")
+        loading = (f"{self.workers} loader process(es) per rank" if self.workers else
+                   "in the training process (--workers 0)")
+        threads = f", {torch.get_num_threads()} compute threads per rank" if info.device.type == "cpu" else ""
+        self.logger.info(f"data loading: {loading}{threads}")
         self.train_loader, self.train_sampler = build_dataloader(
             self.train_set, self.batch_per_rank, self.workers, shuffle=True, distributed=info.distributed,
             seed=cfg.seed, drop_last=False)
@@ -465,6 +468,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run a fine-tune described by `cfg` (alone or as one torchrun rank)."""
     tune_malloc()  # before the first large allocation; loader workers inherit it
     info = init_distributed(cfg.device)
+    set_cpu_threads(info.device)
     try:
         return Trainer(cfg, info).fit()
     finally:

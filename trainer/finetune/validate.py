@@ -9,7 +9,7 @@ from typing import Any
 
 from .data.config import load_data_config
 from .data.dataset import YoloDataset, auto_workers, build_dataloader
-from .distributed import select_device
+from .distributed import select_device, set_cpu_threads
 from .errors import FinetuneError
 from .evaluate import evaluate, to_coco_results
 from .models import build_model, load_checkpoint, load_pretrained
@@ -42,6 +42,7 @@ def validate(data: Path, weights: Path, imgsz: int = 640, batch: int = 16, conf_
         raise FinetuneError(f"--imgsz {imgsz}: must be a multiple of 32")
     data_cfg = load_data_config(data)
     dev = select_device(device, 0)
+    set_cpu_threads(dev)
     model, _ckpt = model_from_checkpoint(weights, data_cfg.nc)
     model = model.to(dev).eval()
     dataset = YoloDataset(data_cfg.val, imgsz, augment=False, nc=data_cfg.nc)

@@ -38,6 +38,7 @@ from finetune.data.augment import (
     xyxy_to_xywhn,
 )
 from finetune.data.config import label_path_for
+from finetune.distributed import cpus_per_process
 from finetune.errors import FinetuneError
 
 log = logging.getLogger(__name__)
@@ -361,7 +362,7 @@ def _seed_worker(worker_id: int) -> None:
 MAX_AUTO_WORKERS = 8  # YOLOv5's ceiling for its --workers default
 
 
-def auto_workers(device: torch.device, processes_per_node: int | None = None) -> int:
+def auto_workers(device: torch.device, cpus_per_rank: int | None = None) -> int:
     """Data-loader processes per rank for ``--workers auto``.
 
     On CUDA the CPU cores are free for loading: one process per core this rank may use,
@@ -369,12 +370,10 @@ def auto_workers(device: torch.device, processes_per_node: int | None = None) ->
     use every core and a loader process takes its time from them: on 2 cores loading inside
     the training process was ~10% faster than one loader process, and one faster than two
     (bench/freeze.py), so up to 2 cores per rank it loads in-process, beyond that one
-    loader per 4 cores. Cores are the ones this process may run on (its CPU affinity).
+    loader per 4 cores. ``cpus_per_rank`` defaults to this process's share of the CPUs
+    it may use (:func:`finetune.distributed.cpus_per_process`: affinity, container limit).
     """
-    if processes_per_node is None:  # torchrun's processes on this node share its cores
-        processes_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_rank = max(1, cpus // max(1, processes_per_node))
+    per_rank = cpus_per_process() if cpus_per_rank is None else max(1, cpus_per_rank)
     if device.type == "cuda":
         return min(MAX_AUTO_WORKERS, per_rank - 1)
     return 0 if per_rank <= 2 else min(MAX_AUTO_WORKERS, per_rank // 4)
