@@ -157,21 +157,53 @@ def test_malloc_tuning_applies_on_glibc_and_yields_to_the_users_settings():
     assert _tuned({"MALLOC_TOP_PAD_": "0"}) == "False"
 
 
-def test_numpy_box_path_keeps_boxes_inside_and_classes_aligned():
+def test_batch_box_path_keeps_boxes_inside_and_with_their_image_and_class():
     torch.manual_seed(3)
     hyp = A.resolve_hyp({"scale": 0.5, "translate": 0.2, "fliplr": 0.5, "flipud": 0.5})
-    image = torch.zeros(3, 40, 64, dtype=torch.uint8)
-    boxes = np.array([[5, 5, 20, 30], [30, 10, 60, 35], [0, 0, 3, 3]], dtype=np.float32)
-    classes = np.array([0, 1, 2], dtype=np.float32)
+    # Three images of different sizes; box k of image j has class j (portrait boxes in
+    # image 0, landscape in image 1, a tiny one that usually drops in image 2).
+    images = [torch.zeros(3, 40, 64, dtype=torch.uint8), torch.zeros(3, 64, 50, dtype=torch.uint8),
+              torch.zeros(3, 64, 64, dtype=torch.uint8)]
+    boxes = np.array([[5, 5, 20, 30], [22, 2, 30, 38], [30, 10, 48, 20], [2, 40, 45, 60], [0, 0, 3, 3]],
+                     dtype=np.float32)
+    owner = np.array([0, 0, 1, 1, 2])
+    kept_counts = []
     for _ in range(50):
-        out_image, out_boxes, out_classes = A.augment_sample(image, boxes, classes, hyp, 64)
-        assert out_image.shape == (3, 64, 64)
-        assert out_boxes.dtype == np.float32 and len(out_boxes) == len(out_classes)
+        out_images, out_boxes, keep = A.augment_batch(images, boxes, owner, hyp, 64)
+        assert [tuple(im.shape) for im in out_images] == [(3, 64, 64)] * 3
+        assert out_boxes.dtype == np.float32 and len(out_boxes) == len(keep)
+        assert (np.diff(keep) > 0).all()  # input order kept, so boxes stay grouped by image
         assert (out_boxes >= 0).all() and (out_boxes <= 64).all()
         assert (out_boxes[:, 2:] > out_boxes[:, :2]).all()
-        # scale/translate/flips keep aspect ratios: class 0 (portrait) and 1 (landscape)
-        # stay recognisable unless the border clipped them
+        # scale/translate/flips keep aspect ratios: image 0's boxes stay portrait, image 1's
+        # landscape, unless the border clipped them
+        image_of = owner[keep]
         inside = (out_boxes[:, 0] > 0) & (out_boxes[:, 1] > 0) & (out_boxes[:, 2] < 64) & (out_boxes[:, 3] < 64)
         w, h = out_boxes[:, 2] - out_boxes[:, 0], out_boxes[:, 3] - out_boxes[:, 1]
-        assert (w[inside & (out_classes == 0)] < h[inside & (out_classes == 0)]).all()
-        assert (w[inside & (out_classes == 1)] > h[inside & (out_classes == 1)]).all()
+        assert (w[inside & (image_of == 0)] < h[inside & (image_of == 0)]).all()
+        assert (w[inside & (image_of == 1)] > h[inside & (image_of == 1)]).all()
+        kept_counts.append(len(keep))
+    assert min(kept_counts) < max(kept_counts)  # the augmentation varied
+
+
+def test_a_batch_of_samples_is_the_samples_one_by_one(tmp_path):
+    """`__getitems__` (the batch path DataLoader uses) and `__getitem__` agree: without
+    augmentation exactly, with it in shapes and box counts' bounds."""
+    from finetune.data.dataset import YoloDataset
+    from finetune.data.synth import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "d", n_train=6, n_val=2, imgsz=96, seed=1)
+    from finetune.data.config import load_data_config
+
+    cfg = load_data_config(data)
+    plain = YoloDataset(cfg.train, 64, augment=False, nc=cfg.nc)
+    batch = plain.__getitems__([3, 0, 5])
+    for (image, targets, meta), index in zip(batch, [3, 0, 5]):
+        one_image, one_targets, one_meta = plain[index]
+        assert torch.equal(image, one_image) and torch.equal(targets, one_targets) and meta == one_meta
+    assert sum(len(t) for _, t, _ in batch) > 0
+    augmented = YoloDataset(cfg.train, 64, augment=True, nc=cfg.nc, hyp={"mosaic": 0.5})
+    torch.manual_seed(0)
+    for image, targets, meta in augmented.__getitems__(list(range(6))):
+        assert image.shape == (3, 64, 64) and targets.shape[1] == 6
+        assert ((targets[:, 2:] >= 0) & (targets[:, 2:] <= 1)).all()

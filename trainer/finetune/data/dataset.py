@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from finetune.data.augment import (
-    augment_sample,
+    augment_batch,
     channels_last,
     gray_canvas,
     mosaic4,
@@ -216,31 +216,48 @@ class YoloDataset(Dataset):
         return len(self.image_paths)
 
     def __getitem__(self, index: int):
-        resized, boxes, classes, orig_shape = self._load_sample(index)
-        height, width = resized.shape[-2:]
-        pad = ((self.imgsz - width) // 2, (self.imgsz - height) // 2)
-        if self._use_mosaic():
-            others = [self._load_sample(i)[:3] for i in torch.randint(len(self), (3,)).tolist()]
-            image, boxes, classes = mosaic4([(resized, boxes, classes), *others], self.imgsz)
-        elif self.augment:
-            image = resized  # the random geometry centres it on the square itself
-        else:
-            image, pad = pad_to_square(resized, self.imgsz)
-            boxes = boxes + np.array([pad[0], pad[1], pad[0], pad[1]], dtype=np.float32)
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
+        """The samples at ``indices``; ``DataLoader`` asks for a batch's samples at once.
+
+        Images are loaded, composed (mosaic) and warped one by one, but their boxes travel
+        in one array through the augmentation and into targets (see :func:`augment_batch`).
+        """
+        images, boxes, classes, metas = [], [], [], []
+        for index in indices:
+            resized, image_boxes, image_classes, orig_shape = self._load_sample(index)
+            height, width = resized.shape[-2:]
+            pad = ((self.imgsz - width) // 2, (self.imgsz - height) // 2)
+            if self._use_mosaic():
+                others = [self._load_sample(i)[:3] for i in torch.randint(len(self), (3,)).tolist()]
+                image, image_boxes, image_classes = mosaic4([(resized, image_boxes, image_classes), *others],
+                                                            self.imgsz)
+            elif self.augment:
+                image = resized  # the random geometry centres it on the square itself
+            else:
+                image, pad = pad_to_square(resized, self.imgsz)
+                image_boxes = image_boxes + np.array([pad[0], pad[1], pad[0], pad[1]], dtype=np.float32)
+            images.append(image)
+            boxes.append(image_boxes)
+            classes.append(image_classes)
+            metas.append({
+                "path": str(self.image_paths[index]),
+                "image_id": int(index),
+                "orig_shape": orig_shape,
+                "ratio": self.imgsz / max(orig_shape),
+                "pad": pad,
+            })
+        owner = np.repeat(np.arange(len(images)), [len(b) for b in boxes])
+        all_boxes, all_classes = np.concatenate(boxes), np.concatenate(classes)
         if self.augment:
-            image, boxes, classes = augment_sample(image, boxes, classes, self.hyp, self.imgsz)
-        targets = np.zeros((len(boxes), 6), dtype=np.float32)
-        if len(boxes):
-            targets[:, 1] = classes
-            targets[:, 2:] = np.clip(xyxy_to_xywhn(boxes, self.imgsz, self.imgsz), 0, 1)
-        meta = {
-            "path": str(self.image_paths[index]),
-            "image_id": int(index),
-            "orig_shape": orig_shape,
-            "ratio": self.imgsz / max(orig_shape),
-            "pad": pad,
-        }
-        return channels_last(image), torch.from_numpy(targets), meta
+            images, all_boxes, keep = augment_batch(images, all_boxes, owner, self.hyp, self.imgsz)
+            all_classes, owner = all_classes[keep], owner[keep]
+        targets = np.zeros((len(all_boxes), 6), dtype=np.float32)
+        targets[:, 1] = all_classes
+        targets[:, 2:] = np.clip(xyxy_to_xywhn(all_boxes, self.imgsz, self.imgsz), 0, 1)
+        per_image = np.split(targets, np.cumsum(np.bincount(owner, minlength=len(images)))[:-1])
+        return [(channels_last(image), torch.from_numpy(t), meta) for image, t, meta in zip(images, per_image, metas)]
 
 
 # ---------------------------------------------------------------------- file checks
