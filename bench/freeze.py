@@ -3,8 +3,10 @@
 For each freeze depth (default 0, 10, 24) it runs the real fine-tune (`finetune train`,
 data loading and augmentation included) and, in the same run, the *compute floor*: forward
 + loss + backward + optimizer step of the same model, batch and image size on random
-tensors, with no data loading. Training images/s should reach >= 90% of the floor at every
-depth; peak memory should fall as more modules are frozen.
+tensors, with no data loading. The floor steps the optimizer as training does, once per
+nominal batch of 64 images (gradient accumulation), so the two differ only in the input
+pipeline. Training images/s should reach >= 90% of the floor at every depth; peak memory
+should fall as more modules are frozen.
 
     python bench/freeze.py                      # CPU: yolov5n, imgsz 320, batch 16
     python bench/freeze.py --gpu                # CUDA: yolov5s, imgsz 640, batch 32, AMP
@@ -39,18 +41,22 @@ from finetune.freeze import freeze_modules, set_train_mode  # noqa: E402
 from finetune.loss import YoloLoss  # noqa: E402
 from finetune.models import build_model  # noqa: E402
 from finetune.telemetry import read_peak_rss_bytes, reset_peak_memory  # noqa: E402
-from finetune.train import build_optimizer, resolve_amp  # noqa: E402
+from finetune.train import ModelEMA, build_optimizer, optimizer_step, resolve_amp  # noqa: E402
 
 
 def compute_floor(model_name: str, nc: int, depth: int, batch: int, imgsz: int, device: torch.device,
                   amp: str, steps: int, warmup: int) -> dict:
-    """Images/s and peak memory of pure training steps on random tensors."""
+    """Images/s and peak memory of the training step alone on random tensors: `finetune
+    train`'s forward, loss and backward per batch, and its optimizer step (clip, step, EMA)
+    once per nominal batch of 64 images (gradient accumulation), with nothing loaded."""
     torch.manual_seed(0)
     model = build_model(model_name, nc=nc).to(device, memory_format=torch.channels_last)  # as `finetune train`
     freeze_modules(model, depth)
     set_train_mode(model)
     hyp = dict(DEFAULT_HYP)
-    opt = build_optimizer(model, "SGD", hyp, batch, 1)
+    accumulate = max(round(hyp["nbs"] / batch), 1)
+    opt = build_optimizer(model, "SGD", hyp, batch, accumulate)
+    ema = ModelEMA(model, hyp["ema_decay"], hyp["ema_tau"])
     loss_fn = YoloLoss.from_model(model, hyp, imgsz)
     amp_dtype = resolve_amp(amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -59,22 +65,22 @@ def compute_floor(model_name: str, nc: int, depth: int, batch: int, imgsz: int, 
     targets = torch.cat([torch.arange(batch).repeat(4)[:, None].float(), torch.randint(0, nc, (n, 1)).float(),
                          torch.rand(n, 2) * 0.6 + 0.2, torch.rand(n, 2) * 0.3 + 0.05], 1).to(device)
 
-    def step():
+    def step(i: int) -> None:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             preds = model(imgs)
         loss, _ = loss_fn([p.float() for p in preds], targets)
         scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        if (i + 1) % accumulate == 0:
+            optimizer_step(model, opt, scaler, ema)
 
-    for _ in range(warmup):
-        step()
+    steps = -(-steps // accumulate) * accumulate  # whole nominal batches
+    for i in range(warmup * accumulate):
+        step(i)
     _sync(device)
     reset_peak_memory(device)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
+    for i in range(steps):
+        step(i)
     _sync(device)
     elapsed = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else read_peak_rss_bytes()
@@ -125,7 +131,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=5, help="the first is start-up; the median of the rest counts")
     p.add_argument("--images", type=int, default=160, help="training images in the synthetic dataset")
     p.add_argument("--workers", type=workers_arg, default=None, metavar="N|auto", help=WORKERS_HELP)
-    p.add_argument("--steps", type=int, default=12, help="timed compute-floor steps")
+    p.add_argument("--steps", type=int, default=12, help="timed compute-floor batches (rounded up to whole nominal batches)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args()
     tune_malloc()  # the floor runs with the allocator settings `finetune train` uses
@@ -142,10 +148,10 @@ def main() -> int:
     for depth in depths:
         # This machine's speed drifts by +-20% over minutes (shared VM), so the floor is
         # measured right before and right after the training run and averaged.
-        before = compute_floor(model_name, nc, depth, batch, imgsz, device, "auto", args.steps, warmup=2)
+        before = compute_floor(model_name, nc, depth, batch, imgsz, device, "auto", args.steps, warmup=1)
         real = real_training(data, model_name, depth, batch, imgsz, args.epochs, args.workers,
                              "cuda" if gpu else "cpu", work / "runs")
-        after = compute_floor(model_name, nc, depth, batch, imgsz, device, "auto", args.steps, warmup=2)
+        after = compute_floor(model_name, nc, depth, batch, imgsz, device, "auto", args.steps, warmup=1)
         floor = {"images_per_second": (before["images_per_second"] + after["images_per_second"]) / 2,
                  "images_per_second_before": before["images_per_second"],
                  "images_per_second_after": after["images_per_second"],

@@ -155,6 +155,18 @@ class RunState:
 
 
 # --------------------------------------------------------------------------- one epoch
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   ema: ModelEMA) -> None:
+    """Once per nominal batch (after the accumulated backward passes): unscale and clip the
+    gradients, step, clear the gradients, update the EMA."""
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    ema.update_parameters(unwrap_model(model))
+
+
 def train_one_epoch(
     model: nn.Module,
     loader,
@@ -203,12 +215,7 @@ def train_one_epoch(
             loss = loss * info.world_size  # DDP averages gradients across ranks
         scaler.scale(loss).backward()
         if ni - last_step >= accumulate or i == num_batches - 1:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update_parameters(unwrap_model(model))
+            optimizer_step(model, optimizer, scaler, ema)
             last_step = ni
         loss_sum += loss_items.detach().cpu()
         images += imgs.shape[0]

@@ -3,14 +3,15 @@
 Images are ``uint8`` tensors ``[3, H, W]`` (RGB) stored channels-last (``H, W, 3`` in
 memory, see :func:`channels_last`), the layout the trainer runs the model in. Boxes are
 ``float32`` numpy arrays ``[n, 4]`` in absolute ``xyxy`` pixels of the image they travel
-with, classes ``[n]`` arrays: a sample has a handful of boxes, and numpy's per-operation
-cost on such tiny arrays is a fraction of torch's (this path runs ~40 operations per
-sample, in the process that trains on small CPU nodes). Every geometric step returns the exact
-pixel map it applied, and boxes follow that map. Resizing and flipping images use
-``torchvision.transforms.v2.functional``. All randomness is drawn from torch's global RNG,
-which ``DataLoader`` seeds per worker, so a seeded run is reproducible. Colour jitter is
-applied to whole batches in the training process (:func:`images_to_float`), so the
-loader's per-sample work stays small.
+with, classes ``[n]`` arrays: numpy's per-operation cost on such tiny arrays is a fraction
+of torch's. The loader augments a batch at a time (:func:`augment_batch`): images one by
+one, the boxes of the whole batch in one array, so the box arithmetic costs a few
+operations per batch, in the process that trains on small CPU nodes. Every geometric step
+returns the exact pixel map it applied, and boxes follow that map. Resizing and flipping
+images use ``torchvision.transforms.v2.functional``. All randomness is drawn from torch's
+global RNG, which ``DataLoader`` seeds per worker, so a seeded run is reproducible. Colour
+jitter is applied to whole batches in the training process (:func:`images_to_float`), so
+the loader's per-image work stays small.
 
 Hyperparameter keys and meanings follow YOLOv5 (``hsv_h``, ``scale``, ``fliplr``, ...), so a
 user's existing hyp file means the same thing here.
