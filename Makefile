@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # processes started by the test node agent can run the same environment.
 SYSTEM_PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
 
-.PHONY: setup demo test test-fast lint readme-results bench cluster-demo clean
+.PHONY: setup demo test test-fast lint readme-results bench device-wheels cluster-demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(SYSTEM_PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ cluster-demo: setup
 
 bench: setup
 	$(PY) bench/freeze.py
+
+# Wheels the GPU machine's image lacks, for `bash bench/gpu.sh` there (see that script).
+device-wheels: setup
+	$(VENV)/bin/pip download -q --only-binary=:all: --no-deps --python-version 3.12 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .device-wheels pycocotools==2.0.11
 
 test: setup
 	$(PY) -m pytest

@@ -135,7 +135,11 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args()
     tune_malloc()  # the floor runs with the allocator settings `finetune train` uses
-    gpu = args.gpu and torch.cuda.is_available()
+    if args.gpu and not torch.cuda.is_available():
+        print("bench/freeze.py: --gpu needs a CUDA device and torch does not see one; run without --gpu for the CPU "
+              "configuration", file=sys.stderr)
+        return 2
+    gpu = args.gpu
     device = torch.device("cuda") if gpu else torch.device("cpu")
     model_name = args.model or ("yolov5s" if gpu else "yolov5n")
     imgsz = args.imgsz or (640 if gpu else 320)
