@@ -81,6 +81,11 @@ def test_torchrun_two_ranks_train_checkpoint_and_serve_metrics(tiny_dataset, tmp
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     last = torch.load(out / "last.pt", weights_only=True)
     assert last["epoch"] == 3 and last["nc"] == 3
+    # The model trains channels-last; the checkpoint holds the standard layout (safetensors
+    # and other consumers refuse strided tensors).
+    for key in ("model", "ema"):
+        assert last[key]["model.0.conv.weight"].dim() == 4
+        assert all(v.is_contiguous() for v in last[key].values()), key
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["world_size"] == 2 and summary["epochs_completed"] == 3
     assert summary["trainable_parameters"] > 0

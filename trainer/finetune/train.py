@@ -141,6 +141,13 @@ class ModelEMA:
         self.updates += 1
 
 
+def portable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights as a checkpoint holds them: on the CPU and in the standard (contiguous)
+    layout. The model trains channels-last, whose strided conv weights some consumers of a
+    checkpoint refuse (safetensors, for one) or would copy on every load."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
 @dataclass
 class RunState:
     """What survives a restart, beside the weights and optimizer: saved in last.pt."""
@@ -355,14 +362,14 @@ class Trainer:
             "model_yaml": self.model_cfg,
             "nc": self.data_cfg.nc,
             "names": list(self.data_cfg.names),
-            "ema": {k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()},
+            "ema": portable_state_dict(self.ema.module),
             "metrics": metrics,
             "freeze": {"depth": self.freeze_depth, "batchnorm_fixed": self.cfg.freeze_bn},
             "train_config": self.cfg.to_dict(),
         }
         if with_training_state:
             ckpt.update({
-                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "model": portable_state_dict(self.model),
                 "ema_updates": self.ema.updates,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
