@@ -41,7 +41,7 @@ from finetune.freeze import freeze_modules, set_train_mode  # noqa: E402
 from finetune.loss import YoloLoss  # noqa: E402
 from finetune.models import build_model  # noqa: E402
 from finetune.telemetry import read_peak_rss_bytes, reset_peak_memory  # noqa: E402
-from finetune.train import ModelEMA, build_optimizer, optimizer_step, resolve_amp  # noqa: E402
+from finetune.train import ModelEMA, accumulation_steps, build_optimizer, optimizer_step, resolve_amp  # noqa: E402
 
 
 def compute_floor(model_name: str, nc: int, depth: int, batch: int, imgsz: int, device: torch.device,
@@ -54,7 +54,7 @@ def compute_floor(model_name: str, nc: int, depth: int, batch: int, imgsz: int, 
     freeze_modules(model, depth)
     set_train_mode(model)
     hyp = dict(DEFAULT_HYP)
-    accumulate = max(round(hyp["nbs"] / batch), 1)
+    accumulate = accumulation_steps(hyp, batch)
     opt = build_optimizer(model, "SGD", hyp, batch, accumulate)
     ema = ModelEMA(model, hyp["ema_decay"], hyp["ema_tau"])
     loss_fn = YoloLoss.from_model(model, hyp, imgsz)

@@ -69,6 +69,12 @@ def lr_lambda(schedule: str, epochs: int, lrf: float):
     return lambda e: ((1 - math.cos(e * math.pi / epochs)) / 2) * (lrf - 1) + 1
 
 
+def accumulation_steps(hyp: dict[str, float], batch: int) -> int:
+    """Batches whose gradients add up to one optimizer step: the nominal batch ``nbs`` (64,
+    as YOLOv5) over the real one, at least 1."""
+    return max(round(hyp["nbs"] / batch), 1)
+
+
 def build_optimizer(model: nn.Module, name: str, hyp: dict[str, float], batch: int, accumulate: int):
     """Three parameter groups as in YOLOv5: decayed weights, BatchNorm weights and biases
     (neither decayed). Frozen parameters are left out entirely."""
@@ -193,7 +199,7 @@ def train_one_epoch(
     color_hyp = resolve_hyp(hyp)  # the batch's colour jitter (the loader does the geometry)
     num_batches = len(loader)
     warmup_iters = round(hyp["warmup_epochs"] * num_batches)
-    accumulate_target = max(round(hyp["nbs"] / cfg.batch), 1)
+    accumulate_target = accumulation_steps(hyp, cfg.batch)
     set_train_mode(model)
     loss_sum = torch.zeros(3)
     images = 0
@@ -286,7 +292,7 @@ class Trainer:
             f"{'fixed' if cfg.freeze_bn else 'updating'}"
         )
 
-        self.accumulate = max(round(self.hyp["nbs"] / cfg.batch), 1)
+        self.accumulate = accumulation_steps(self.hyp, cfg.batch)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.hyp, cfg.batch, self.accumulate)
         self.lf = lr_lambda(cfg.lr_schedule, cfg.epochs, self.hyp["lrf"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lf)
