@@ -128,12 +128,12 @@ class ModelEMA:
         current = dict(model.named_parameters())
         if averaged.keys() != current.keys():
             raise ValueError("the EMA follows a model of another architecture")
-        pairs = [(averaged[k], v) for k, v in current.items() if v.requires_grad]
-        buffers = list(zip(self.module.buffers(), model.buffers()))
-        pairs += [(a, b) for a, b in buffers if a.is_floating_point()]
-        self._float = ([a for a, _ in pairs], [b for _, b in pairs])
-        self._other = ([a for a, b in buffers if not a.is_floating_point()],
-                       [b for a, b in buffers if not a.is_floating_point()])
+        averaged_pairs = [(averaged[k], v) for k, v in current.items() if v.requires_grad]
+        copied_pairs = []
+        for pair in zip(self.module.buffers(), model.buffers()):
+            (averaged_pairs if pair[0].is_floating_point() else copied_pairs).append(pair)
+        self._float = ([a for a, _ in averaged_pairs], [b for _, b in averaged_pairs])
+        self._other = ([a for a, _ in copied_pairs], [b for _, b in copied_pairs])
         self._source = model
 
     @torch.no_grad()
