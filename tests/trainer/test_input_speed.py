@@ -1,4 +1,4 @@
-"""The CPU speed measures of the input path and the trainer: batch colour jitter, channels-last
+"""The CPU speed measures of the input path and the trainer: uint8 colour jitter, channels-last
 layout, the loader-process heuristic and the allocator settings. Each keeps the results the
 plain way would give; these tests check that (speed itself is bench/freeze.py's business)."""
 
@@ -27,22 +27,23 @@ def _batch(n=4, size=32, seed=0):
     return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
 
 
-@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
-def test_batch_colour_jitter_applies_each_images_own_matrix_and_keeps_the_layout(layout):
-    images = _batch()
-    if layout == "channels_last":
-        images = images.contiguous(memory_format=CL)
+def test_colour_jitter_applies_each_images_own_matrix_in_uint8():
+    images = [A.channels_last(image) for image in _batch()]
+    originals = [image.clone() for image in images]
     hyp = A.resolve_hyp({"hsv_h": 0.3, "hsv_s": 0.9, "hsv_v": 0.5})
     torch.manual_seed(7)
-    out = A.images_to_float(images, hyp)
+    out = A.random_colors(images, hyp)
     torch.manual_seed(7)
     matrices = A.random_color_matrices(len(images), hyp)
-    expected = torch.einsum("nij,njhw->nihw", matrices.double(), images.double() / 255).clamp(0, 1)
-    assert torch.allclose(out.double(), expected, atol=1e-5)
-    assert out.dtype == torch.float32 and out.is_contiguous(memory_format=CL) == (layout == "channels_last")
     assert not torch.allclose(matrices[0], matrices[1])  # one draw per image
-    # The jitter really changes colours, within [0, 1].
-    assert (out - images.float() / 255).abs().max() > 0.05 and out.min() >= 0 and out.max() <= 1
+    for image, original, jittered, matrix in zip(images, originals, out, matrices):
+        expected = torch.einsum("ij,jhw->ihw", matrix.double(), original.double()).clamp(0, 255)
+        assert jittered.dtype == torch.uint8 and jittered.shape == original.shape
+        assert jittered.permute(1, 2, 0).is_contiguous()  # channels-last, as the batch wants it
+        assert (jittered.double() - expected).abs().max() <= 1  # rounded to the nearest level
+        assert torch.equal(image, original)  # the input (possibly the RAM cache) is untouched
+        # The jitter really changes colours.
+        assert (jittered.double() - original.double()).abs().max() > 10
 
 
 def test_colour_matrices_match_hsv_semantics():
@@ -59,12 +60,14 @@ def test_colour_matrices_match_hsv_semantics():
     assert torch.allclose(third @ torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0]), atol=1e-6)
 
 
-def test_no_gains_or_no_hyp_is_a_plain_conversion():
-    images = _batch().contiguous(memory_format=CL)
+def test_no_gains_leave_colours_alone_and_the_batch_conversion_keeps_the_layout():
+    images = [A.channels_last(image) for image in _batch()]
     off = A.resolve_hyp({"hsv_h": 0, "hsv_s": 0, "hsv_v": 0})
-    for hyp in (None, off):
-        out = A.images_to_float(images, hyp)
-        assert torch.equal(out, images.float() / 255) and out.is_contiguous(memory_format=CL)
+    assert all(a is b for a, b in zip(A.random_colors(images, off), images))
+    for layout in (torch.contiguous_format, CL):
+        batch = torch.stack(images).contiguous(memory_format=layout)
+        out = A.images_to_float(batch)
+        assert torch.equal(out, batch.float() / 255) and out.is_contiguous(memory_format=layout)
 
 
 def test_samples_and_batches_are_channels_last_with_unchanged_values(tiny_dataset):

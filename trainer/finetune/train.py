@@ -24,7 +24,7 @@ from . import __version__
 from .allocator import tune_malloc
 from .checkpoint import CHECKPOINT_FORMAT, load_resume_checkpoint, save_checkpoint, write_json, write_results_csv
 from .config import TrainConfig
-from .data.augment import images_to_float, resolve_hyp
+from .data.augment import images_to_float
 from .data.config import load_data_config
 from .data.dataset import YoloDataset, auto_workers, build_dataloader
 from .distributed import (DistInfo, all_gather_object, all_reduce_mean, barrier, broadcast_object, cleanup,
@@ -196,7 +196,6 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over this rank's shard; returns mean losses and throughput."""
     hyp = cfg.hyperparameters
-    color_hyp = resolve_hyp(hyp)  # the batch's colour jitter (the loader does the geometry)
     num_batches = len(loader)
     warmup_iters = round(hyp["warmup_epochs"] * num_batches)
     accumulate_target = accumulation_steps(hyp, cfg.batch)
@@ -219,7 +218,7 @@ def train_one_epoch(
                 group["lr"] = _interp(ni, warmup_iters, start_lr, group["initial_lr"] * lf(epoch))
                 if "momentum" in group:
                     group["momentum"] = _interp(ni, warmup_iters, hyp["warmup_momentum"], hyp["momentum"])
-        imgs = images_to_float(imgs.to(info.device, non_blocking=True), color_hyp)
+        imgs = images_to_float(imgs.to(info.device, non_blocking=True))
         targets = targets.to(info.device)
         with torch.autocast(info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             preds = model(imgs)
