@@ -45,10 +45,11 @@ from finetune.train import ModelEMA, accumulation_steps, build_optimizer, optimi
 
 
 def compute_floor(model_name: str, nc: int, depth: int, batch: int, imgsz: int, device: torch.device,
-                  amp: str, steps: int, warmup: int) -> dict:
-    """Images/s and peak memory of the training step alone on random tensors: `finetune
-    train`'s forward, loss and backward per batch, and its optimizer step (clip, step, EMA)
-    once per nominal batch of 64 images (gradient accumulation), with nothing loaded."""
+                  amp: str, steps: int, windows: int, warmup: int) -> dict:
+    """Images/s (in each of ``windows`` timed windows of ``steps`` batches) and peak memory
+    of the training step alone on random tensors: `finetune train`'s forward, loss and
+    backward per batch, and its optimizer step (clip, step, EMA) once per nominal batch of 64
+    images (gradient accumulation), with nothing loaded."""
     torch.manual_seed(0)
     model = build_model(model_name, nc=nc).to(device, memory_format=torch.channels_last)  # as `finetune train`
     freeze_modules(model, depth)
@@ -78,13 +79,15 @@ def compute_floor(model_name: str, nc: int, depth: int, batch: int, imgsz: int, 
         step(i)
     _sync(device)
     reset_peak_memory(device)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    _sync(device)
-    elapsed = time.perf_counter() - t0
+    per_window = []
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        _sync(device)
+        per_window.append(steps * batch / (time.perf_counter() - t0))
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else read_peak_rss_bytes()
-    return {"images_per_second": steps * batch / elapsed, "peak_memory_bytes": int(peak)}
+    return {"images_per_second_per_window": per_window, "peak_memory_bytes": int(peak)}
 
 
 def _sync(device: torch.device) -> None:
@@ -131,7 +134,10 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=5, help="the first is start-up; the median of the rest counts")
     p.add_argument("--images", type=int, default=160, help="training images in the synthetic dataset")
     p.add_argument("--workers", type=workers_arg, default=None, metavar="N|auto", help=WORKERS_HELP)
-    p.add_argument("--steps", type=int, default=12, help="timed compute-floor batches (rounded up to whole nominal batches)")
+    p.add_argument("--steps", type=int, default=8,
+                   help="batches per timed compute-floor window (rounded up to whole nominal batches)")
+    p.add_argument("--floor-windows", type=int, default=3,
+                   help="timed compute-floor windows before and after each training run; the median of all counts")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args()
     tune_malloc()  # the floor runs with the allocator settings `finetune train` uses
@@ -150,15 +156,19 @@ def main() -> int:
     nc = 8
     results = []
     for depth in depths:
-        # This machine's speed drifts by +-20% over minutes (shared VM), so the floor is
-        # measured right before and right after the training run and averaged.
-        before = compute_floor(model_name, nc, depth, batch, imgsz, device, "auto", args.steps, warmup=1)
+        # This machine's speed drifts by +-20% over minutes and has slow spells of seconds
+        # (shared VM). So the floor is timed in short windows right before and right after
+        # the training run, and both sides count their median: the floor's windows, the
+        # training's epochs. (A mean would let one slow spell in the floor flatter the ratio.)
+        floor_args = (model_name, nc, depth, batch, imgsz, device, "auto", args.steps, args.floor_windows)
+        before = compute_floor(*floor_args, warmup=1)
         real = real_training(data, model_name, depth, batch, imgsz, args.epochs, args.workers,
                              "cuda" if gpu else "cpu", work / "runs")
-        after = compute_floor(model_name, nc, depth, batch, imgsz, device, "auto", args.steps, warmup=1)
-        floor = {"images_per_second": (before["images_per_second"] + after["images_per_second"]) / 2,
-                 "images_per_second_before": before["images_per_second"],
-                 "images_per_second_after": after["images_per_second"],
+        after = compute_floor(*floor_args, warmup=1)
+        windows = before["images_per_second_per_window"] + after["images_per_second_per_window"]
+        floor = {"images_per_second": statistics.median(windows),
+                 "images_per_second_before": before["images_per_second_per_window"],
+                 "images_per_second_after": after["images_per_second_per_window"],
                  "peak_memory_bytes": max(before["peak_memory_bytes"], after["peak_memory_bytes"])}
         ratio = real["images_per_second"] / floor["images_per_second"]
         results.append({"freeze": depth, "floor": floor, "training": real, "training_over_floor": ratio})

@@ -7,7 +7,7 @@
 #
 # Arguments go on to bench/freeze.py (e.g. --depths 0,24 to save time).
 #
-# The device image brings its own python3 with PyTorch, torchvision, numpy, Pillow, PyYAML,
+# The device image brings its own python3 with PyTorch, torchvision, numpy, Pillow, OpenCV, PyYAML,
 # prometheus-client, tqdm, psutil and nvidia-ml-py; pycocotools comes from .device-wheels.
 # The figures land in $OUT (or bench/results/ when run elsewhere): copy freeze-gpu.json and
 # freeze-gpu.md into bench/results/ and list the run in bench/results/README.md.
