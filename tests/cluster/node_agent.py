@@ -17,7 +17,8 @@ Per pod (what a container runtime would give it):
   paths would resolve them). Rewritten in place for all pods as pods come and go.
 * a UTS namespace (hostname = ``spec.hostname`` or the pod name) and a private mount namespace
   in which the volumes are bind-mounted at their ``mountPath`` (read-only when asked), plus a
-  private ``/tmp``.
+  private ``/tmp`` (into which the checkout and its venv are bound at their own paths when
+  they live under the host's ``/tmp``).
 * the container's user: ``runAsUser``/``runAsGroup``/``fsGroup``/``supplementalGroups`` via
   ``setpriv``; fsGroup-owned, group-writable (setgid) volume dirs, as a kubelet would.
 * env (values, fieldRef, resourceFieldRef, configMap/secret keys, envFrom) and ``$(VAR)``
@@ -284,6 +285,17 @@ def check_venv_for_user(python: Path, uid: int = 1000, gid: int = 1000) -> None:
         f"pods run as uid {uid}, but uid {uid} cannot run {python} -c 'import finetune' "
         f"(exit {proc.returncode}: {proc.stderr.strip()[-500:]}){hint}. The venv must be built from a "
         f"world-readable Python (the Makefile uses /usr/bin/python3), not e.g. /root/.pyenv.")
+
+
+def paths_under_tmp(paths: list[Path]) -> list[Path]:
+    """Those of ``paths`` (resolved) that lie under /tmp, without any that lie inside another."""
+    inside_tmp = sorted({p.resolve() for p in paths if p.resolve().is_relative_to("/tmp")
+                         and p.resolve() != Path("/tmp")})
+    kept: list[Path] = []
+    for p in inside_tmp:  # sorted, so a parent comes before what is inside it
+        if not any(p.is_relative_to(k) for k in kept):
+            kept.append(p)
+    return kept
 
 
 # ------------------------------------------------------------------ per pod
@@ -932,8 +944,14 @@ class NodeAgent:
                     script.append(f"mount -o remount,bind,ro {t}")
             # A private /tmp, mounted last (volume sources may live under the host's /tmp); not
             # when the pod mounts something at or under /tmp itself.
+            # The environment stays visible when it lives under the host's /tmp (a checkout
+            # cloned there): it is bound into the private /tmp at the same path, as a real
+            # node's image would simply ship it.
             if not any(t == "/tmp" or t.startswith("/tmp/") for t, _, _ in mounts):
-                script.append(f"mount --bind {shlex.quote(str(tmp))} /tmp")
+                for kept in paths_under_tmp([REPO, self.venv]):
+                    inside = shlex.quote(str(tmp / kept.relative_to("/tmp")))
+                    script += [f"mkdir -p {inside}", f"mount --bind {shlex.quote(str(kept))} {inside}"]
+                script.append(f"mount --rbind {shlex.quote(str(tmp))} /tmp")
             script.append(f"cd {shlex.quote(container.get('workingDir') or '/')}")
             user = []
             if run_as_user is not None and int(run_as_user) != 0 or run_as_group is not None:

@@ -181,6 +181,23 @@ def test_volumes_pvc_emptydir_configmap_as_uid_1000(control_plane, agent, ns, tm
     assert not Path("/tmp/f").exists() and not Path("/dev/shm/f").exists()
 
 
+def test_the_project_environment_runs_in_a_pod_with_a_private_tmp(control_plane, agent, ns):
+    # The pods run the checkout's venv; a checkout cloned under /tmp must stay visible
+    # behind the pod's private /tmp (CI may clone there).
+    script = ("command -v finetune-launch >/dev/null && echo launch-found; "
+              "python -c 'import finetune; print(\"import-ok\")'; echo z > /tmp/private-probe && echo tmp-ok")
+    control_plane.apply(pod("venv", script, securityContext={"runAsUser": 1000, "runAsGroup": 1000}), namespace=ns)
+    p = wait_phase(control_plane, ns, "venv")
+    out = agent.log(ns, "venv").splitlines()
+    assert p["status"]["phase"] == "Succeeded" and out == ["launch-found", "import-ok", "tmp-ok"], out
+    assert not Path("/tmp/private-probe").exists()
+
+
+def test_paths_under_tmp_keeps_the_outermost():
+    paths = [Path("/tmp/ci"), Path("/tmp/ci/.venv"), Path("/work/main/.venv"), Path("/tmp"), Path("/tmp/other/x")]
+    assert na.paths_under_tmp(paths) == [Path("/tmp/ci"), Path("/tmp/other/x")]
+
+
 def test_pods_reach_each_other_by_hostname_and_subdomain(control_plane, agent, ns):
     service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "grp"},
                "spec": {"clusterIP": "None", "selector": {"grp": "yes"}, "ports": [{"port": 8080}]}}
