@@ -289,8 +289,8 @@ def check_venv_for_user(python: Path, uid: int = 1000, gid: int = 1000) -> None:
 
 def paths_under_tmp(paths: list[Path]) -> list[Path]:
     """Those of ``paths`` (resolved) that lie under /tmp, without any that lie inside another."""
-    inside_tmp = sorted({p.resolve() for p in paths if p.resolve().is_relative_to("/tmp")
-                         and p.resolve() != Path("/tmp")})
+    resolved = {p.resolve() for p in paths}
+    inside_tmp = sorted(p for p in resolved if p.is_relative_to("/tmp") and p != Path("/tmp"))
     kept: list[Path] = []
     for p in inside_tmp:  # sorted, so a parent comes before what is inside it
         if not any(p.is_relative_to(k) for k in kept):
@@ -943,10 +943,9 @@ class NodeAgent:
                 if ro:
                     script.append(f"mount -o remount,bind,ro {t}")
             # A private /tmp, mounted last (volume sources may live under the host's /tmp); not
-            # when the pod mounts something at or under /tmp itself.
-            # The environment stays visible when it lives under the host's /tmp (a checkout
-            # cloned there): it is bound into the private /tmp at the same path, as a real
-            # node's image would simply ship it.
+            # when the pod mounts something at or under /tmp itself. A checkout and venv under
+            # the host's /tmp are bound into it at their own paths, as a node's image would
+            # simply ship the environment.
             if not any(t == "/tmp" or t.startswith("/tmp/") for t, _, _ in mounts):
                 for kept in paths_under_tmp([REPO, self.venv]):
                     inside = shlex.quote(str(tmp / kept.relative_to("/tmp")))
