@@ -3,8 +3,8 @@
 A checkpoint is written to a temporary file in the same directory, flushed and fsynced,
 then renamed over the target: `os.replace` is atomic on POSIX, so a kill at any moment
 leaves either the previous complete file or the new complete file, never a torn one.
-Our checkpoints hold only tensors, numbers, strings, lists and dicts, so they load with
-`torch.load(weights_only=True)`: resuming never unpickles arbitrary objects.
+Our checkpoints hold only tensors, numbers, strings, lists and dicts, and resuming reads them
+with `serialization.read_torch_file` (no model stand-ins allowed): it never runs code.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .errors import FinetuneError
+from .serialization import read_torch_file
 
 CHECKPOINT_FORMAT = "finetune/v1"
 
@@ -52,11 +53,9 @@ def load_resume_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FinetuneError(f"cannot resume: {path} does not exist; run without --resume "
                             f"(or with --resume=auto) to start a new run in {path.parent}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or foreign file: one readable line
-        raise FinetuneError(f"cannot resume from {path}: not a readable finetune checkpoint "
-                            f"({type(exc).__name__}); delete it to start over") from None
+    # Read like any stranger's file: the output volume may be shared, and a last.pt there could
+    # have been replaced by someone else; delete it to start over.
+    ckpt = read_torch_file(path, what=f"cannot resume: {path}", allow_stand_ins=False)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise FinetuneError(f"cannot resume from {path}: it is not a finetune training "
                             f"checkpoint; delete it or choose another --out")

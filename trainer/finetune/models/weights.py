@@ -1,172 +1,28 @@
 """Reading checkpoints (ours and Ultralytics YOLOv5's) and loading pretrained weights.
 
-Our checkpoints hold only plain state dicts, numbers and strings, so they load with
-``torch.load(weights_only=True)``. Ultralytics YOLOv5 ``.pt`` files pickle whole module
-objects (``models.yolo.DetectionModel``, ``models.common.Conv``, ``torch.nn`` layers...)
-and would normally need Ultralytics' code installed and a full, code-running unpickle.
-Instead we unpickle them with a restricted unpickler: tensor rebuilding, plain containers
-and a few inert value types are allowed; every module class becomes an inert stand-in
-that only stores its attributes; any other global (``os.system``, ``builtins.eval``...)
-is refused before it can be called. The state dict is then read from the stand-in tree.
+Files are read by :func:`finetune.serialization.read_torch_file`, which never runs code from
+them: Ultralytics ``.pt`` files pickle whole module objects (``models.yolo.DetectionModel``,
+``models.common.Conv``, ``torch.nn`` layers...), and each of those classes becomes an inert
+stand-in that only stores its attributes. The state dict is then read from the stand-in tree.
 """
 
 from __future__ import annotations
 
-import _compat_pickle
-import io
 import logging
 import math
 import os
-import pickle
-import types
-import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from finetune.errors import FinetuneError
+from finetune.serialization import InertModule, InertNamespace, read_torch_file
 
 log = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------- stand-ins
-
-
-class _Inert:
-    """Stand-in for a pickled object of a class we do not import: stores state, runs nothing."""
-
-    _origin = "object"
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        self.__dict__["_args"] = args
-
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
-            merged: dict = {}
-            for part in state:
-                if isinstance(part, dict):
-                    merged.update(part)
-            state = merged
-        if isinstance(state, dict):
-            # Dunder names could shadow pickle's own hooks on a later BUILD; drop them.
-            self.__dict__.update({k: v for k, v in state.items()
-                                  if isinstance(k, str) and not k.startswith("__")})
-        else:
-            self.__dict__["_state"] = state
-
-    def __repr__(self) -> str:
-        return f"<inert {self._origin}>"
-
-
-class _InertModule(_Inert):
-    """Stand-in for an ``nn.Module`` subclass (torch.nn layers, YOLOv5 model classes)."""
-
-
-class _InertNamespace(_Inert):
-    """Stand-in for ``argparse.Namespace`` (YOLOv5's ``opt``); converted to a dict."""
-
-
-def _inert_path(*parts: Any) -> str:
-    """pathlib paths unpickle as plain strings."""
-    return str(PurePosixPath(*(str(p) for p in parts))) if parts else ""
-
-
-_MODULE_PREFIXES = ("torch.nn.modules.", "models.", "ultralytics.")
-_PATH_MODULES = ("pathlib", "pathlib._local")
-_PATH_CLASSES = ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")
-_BUILTINS = {t.__name__: t for t in (set, frozenset, list, dict, tuple, slice, complex, bytearray)}
-_TORCH_REBUILD = ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3",
-                  "_rebuild_parameter", "_rebuild_parameter_with_state")
-_stand_in_classes: dict[tuple[str, str], type] = {}
-
-
-def _stand_in(module: str, name: str) -> type:
-    """One inert subclass per original class, so messages can name the original."""
-    key = (module, name)
-    if key not in _stand_in_classes:
-        _stand_in_classes[key] = type(name, (_InertModule,), {"_origin": f"{module}.{name}"})
-    return _stand_in_classes[key]
-
-
-class _ForbiddenGlobal(FinetuneError):
-    """A pickle referenced a global outside the allow-list."""
-
-
-def _numpy_global(module: str, name: str) -> Any:
-    """numpy arrays/scalars (YOLOv5 stores ``best_fitness`` as one); data, not code."""
-    import numpy as np
-
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct", "scalar"):
-        return getattr(multiarray, name)
-    if module == "numpy" and name in ("ndarray", "dtype"):
-        return getattr(np, name)
-    if module == "numpy.dtypes" and name.endswith("DType"):
-        return getattr(np.dtypes, name)
-    return None
-
-
-def _encode_bytes(text: str, encoding: str = "utf-8") -> bytes:
-    """``_codecs.encode`` limited to the text encodings pickle itself uses."""
-    if encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
-        raise pickle.UnpicklingError(f"unexpected encoding {encoding!r} in pickled bytes")
-    return text.encode(encoding)
-
-
-def _allowed_global(module: str, name: str) -> Any:
-    """The object a pickle may reference as ``module.name``, or None if forbidden."""
-    if module == "torch._utils" and name in _TORCH_REBUILD:
-        return getattr(torch._utils, name)
-    if module == "torch":
-        value = getattr(torch, name, None)
-        if isinstance(value, torch.dtype) or name in ("device", "Size"):
-            return value
-        return None
-    if module == "collections" and name == "OrderedDict":
-        return OrderedDict
-    if module == "builtins" and name in _BUILTINS:
-        return _BUILTINS[name]
-    if module == "_codecs" and name == "encode":  # protocol-2 pickles encode bytes this way
-        return _encode_bytes
-    if module == "argparse" and name == "Namespace":
-        return _InertNamespace
-    if module in _PATH_MODULES and name in _PATH_CLASSES:
-        return _inert_path
-    if module.startswith("numpy"):
-        return _numpy_global(module, name)
-    if module.startswith(_MODULE_PREFIXES) or module in ("models", "ultralytics"):
-        return _stand_in(module, name)
-    return None
-
-
-def _restricted_pickle_module(path: Path) -> types.ModuleType:
-    """A module-like object for ``torch.load(pickle_module=...)`` with a safe find_class."""
-
-    class RestrictedUnpickler(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            # Protocol-2 pickles spell Python 3 modules the Python 2 way (__builtin__).
-            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-            value = _allowed_global(module, name)
-            if value is None:
-                raise _ForbiddenGlobal(
-                    f"weights file {path} was refused: it references {module}.{name}, which "
-                    "could run code when loaded (only tensors, plain containers and YOLOv5 "
-                    "model classes are allowed); use weights from a trusted source, or "
-                    "re-save them as a plain state dict with torch.save(model.state_dict())"
-                )
-            return value
-
-    mod = types.ModuleType("finetune_restricted_pickle")
-    mod.Unpickler = RestrictedUnpickler
-    mod.load = lambda f, **kw: RestrictedUnpickler(f, **kw).load()
-    mod.loads = lambda data, **kw: RestrictedUnpickler(io.BytesIO(data), **kw).load()
-    return mod
-
-
-# --------------------------------------------------------------------------- loading
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -179,12 +35,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FinetuneError(f"weights file {path} not found; check the --weights path")
-    _refuse_torchscript(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # not plain weights: try the restricted unpickler
-        obj = _load_restricted(path)
-    if isinstance(obj, _InertModule):  # torch.save(model) of a bare module
+    obj = read_torch_file(path)
+    if isinstance(obj, InertModule):  # torch.save(model) of a bare module
         obj = {"model": obj}
     if not isinstance(obj, dict):
         raise FinetuneError(
@@ -194,45 +46,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return _normalise(obj, path)
 
 
-def _refuse_torchscript(path: Path) -> None:
-    """torch.load hands TorchScript archives to torch.jit.load, which loads code."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return
-    if any(n.endswith("constants.pkl") for n in names):
-        raise FinetuneError(
-            f"weights file {path} is a TorchScript export, not a training checkpoint; "
-            "pass the .pt checkpoint (e.g. best.pt) instead"
-        )
-
-
-def _load_restricted(path: Path) -> Any:
-    if os.getenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true"):
-        raise FinetuneError(
-            f"weights file {path} is not a plain-tensor checkpoint and TORCH_FORCE_WEIGHTS_ONLY_LOAD "
-            "is set; unset it to load YOLOv5 checkpoints through the restricted unpickler"
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False,
-                          pickle_module=_restricted_pickle_module(path))
-    except FinetuneError:
-        raise
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
-        raise FinetuneError(
-            f"weights file {path} is not a readable PyTorch checkpoint ({reason}); pass a .pt "
-            "file saved by this trainer or by YOLOv5 (re-download it if it was truncated)"
-        ) from None
-
-
 def _normalise(ckpt: dict, path: Path) -> dict:
     """Replace stand-in modules with state dicts; make extras plain Python values."""
     out: dict = {}
     ultralytics_model = None
     for key, value in ckpt.items():
-        if key in ("model", "ema") and isinstance(value, _InertModule):
+        if key in ("model", "ema") and isinstance(value, InertModule):
             out[key] = _state_dict_of(value, path)
             if ultralytics_model is None:
                 ultralytics_model = value
@@ -255,7 +74,7 @@ def _plain(value: Any) -> Any:
     Containers that need no change are returned as they are (a state dict keeps its
     ``_metadata``, which load_state_dict reads).
     """
-    if isinstance(value, _InertNamespace):
+    if isinstance(value, InertNamespace):
         return {k: _plain(v) for k, v in value.__dict__.items() if k != "_args"}
     if isinstance(value, dict):
         items = [(k, _plain(v)) for k, v in value.items()]
@@ -270,30 +89,45 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _state_dict_of(root: _InertModule, path: Path) -> OrderedDict:
-    """Collect parameters and persistent buffers as nn.Module.state_dict would (float32)."""
-    out: OrderedDict = OrderedDict()
+def _state_dict_of(root: InertModule, path: Path) -> OrderedDict:
+    """Collect parameters and persistent buffers as nn.Module.state_dict would (float32).
 
-    def visit(module: Any, prefix: str) -> None:
-        if not isinstance(module, _InertModule):
-            raise FinetuneError(
-                f"weights file {path} has a malformed model ({prefix or 'root'} is a "
-                f"{type(module).__name__}); re-export the weights as a state dict"
-            )
+    Iterative, and each module visited once: a hostile file can nest modules deeper than
+    Python's recursion limit or make a module its own child.
+    """
+    out: OrderedDict = OrderedDict()
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(root, "")]
+    while stack:
+        module, prefix = stack.pop()
+        where = prefix.rstrip(".") or "root"
+        if not isinstance(module, InertModule) or id(module) in seen:
+            what = type(module).__name__ if id(module) not in seen else "a module that contains itself"
+            raise FinetuneError(f"weights file {path} has a malformed model ({where} is {what}); "
+                                "re-export the weights as a state dict")
+        seen.add(id(module))
         attrs = module.__dict__
         skip = attrs.get("_non_persistent_buffers_set") or set()
-        for name, t in (attrs.get("_parameters") or {}).items():
+        if not isinstance(skip, (set, frozenset)):
+            raise FinetuneError(f"weights file {path} has a malformed model ({where} has an unreadable buffer list)")
+        for name, t in _named(attrs, "_parameters", where, path):
             if t is not None:
                 out[prefix + name] = _as_float32(t, prefix + name, path)
-        for name, t in (attrs.get("_buffers") or {}).items():
+        for name, t in _named(attrs, "_buffers", where, path):
             if t is not None and name not in skip:
                 out[prefix + name] = _as_float32(t, prefix + name, path)
-        for name, child in (attrs.get("_modules") or {}).items():
-            if child is not None:
-                visit(child, f"{prefix}{name}.")
-
-    visit(root, "")
+        children = [(child, f"{prefix}{name}.") for name, child in _named(attrs, "_modules", where, path)
+                    if child is not None]
+        stack.extend(reversed(children))  # depth-first in declaration order, as state_dict() is
     return out
+
+
+def _named(attrs: dict, key: str, where: str, path: Path) -> list[tuple[str, Any]]:
+    """A stand-in module's ``_parameters`` / ``_buffers`` / ``_modules`` as (name, value) pairs."""
+    value = attrs.get(key) or {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise FinetuneError(f"weights file {path} has a malformed model ({where}.{key} is not a name mapping)")
+    return list(value.items())
 
 
 def _as_float32(t: Any, key: str, path: Path) -> torch.Tensor:
