@@ -18,6 +18,14 @@ import yaml
 
 from finetune.errors import FinetuneError
 
+# Limits on a data.yaml from someone else. A real one is a few hundred bytes and the largest
+# public detection label sets have a few thousand classes (LVIS 1,203; Objects365 365), so
+# these only refuse files that are not data.yamls or are built to exhaust memory: an ``nc``
+# of a billion would make a billion names and a head with a billion outputs.
+MAX_DATA_YAML_BYTES = 1 << 20
+MAX_CLASSES = 10_000
+MAX_CLASS_NAME_CHARS = 256
+
 # Extensions we look for when a split is a folder. JPEG/PNG/WebP decode with libjpeg-turbo /
 # libpng through torchvision; the others fall back to PIL in the dataset.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -34,6 +42,12 @@ class DataConfig:
     nc: int
     yaml_path: Path
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def printable_path(path: str | os.PathLike) -> str:
+    """``path`` safe to print or log: bytes that are not UTF-8 (which Python keeps as lone
+    surrogates, e.g. ``\\udcff``) are written as ``\\xff`` instead of failing a UTF-8 log."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def label_path_for(image_path: str | os.PathLike) -> Path:
@@ -78,23 +92,76 @@ def load_data_config(path: str | os.PathLike) -> DataConfig:
     )
 
 
+class _AliasRefused(yaml.composer.ComposerError):
+    pass
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases as they are composed: a "billion laughs" file
+    (an alias repeated in an alias repeated ...) is never expanded. No data.yaml needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasRefused(None, None, f"*{event.anchor}", event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def _read_yaml(yaml_path: Path) -> dict:
     if not yaml_path.is_file():
         raise FinetuneError(
             f"data.yaml not found: {yaml_path}; pass --data with the path to your dataset's "
             f"YOLO data.yaml"
         )
+    too_big = FinetuneError(
+        f"{yaml_path}: larger than {MAX_DATA_YAML_BYTES // 2**20} MiB, the limit for a data.yaml; "
+        f"pass --data with the dataset's YOLO data.yaml (a few lines naming the splits and classes)"
+    )
     try:
-        raw = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise FinetuneError(f"{yaml_path}: not valid YAML ({first_line}); fix the syntax") from None
+        if yaml_path.stat().st_size > MAX_DATA_YAML_BYTES:
+            raise too_big
+        with open(yaml_path, "rb") as f:
+            data = f.read(MAX_DATA_YAML_BYTES + 1)  # +1: a file that grew since the stat
+    except OSError as exc:
+        raise FinetuneError(f"{yaml_path}: cannot be read ({exc.strerror}); check its permissions") from None
+    if len(data) > MAX_DATA_YAML_BYTES:
+        raise too_big
+    try:
+        raw = yaml.load(data.decode("utf-8"), Loader=_NoAliasLoader)
+    except UnicodeDecodeError as exc:
+        raise FinetuneError(
+            f"{yaml_path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            f"save it as UTF-8"
+        ) from None
+    except _AliasRefused as exc:
+        raise FinetuneError(
+            f"{yaml_path}: uses the YAML alias {exc.problem} (line {exc.problem_mark.line + 1}), and a "
+            f"data.yaml may not (aliases can expand a small file into gigabytes); write the value out"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise FinetuneError(f"{yaml_path}: not valid YAML ({_yaml_problem(exc)}); fix the syntax") from None
+    except ValueError as exc:  # PyYAML's constructors let these through: 2001-13-01, a 5,000-digit int
+        raise FinetuneError(f"{yaml_path}: not valid YAML ({' '.join(str(exc).split())}); fix the value") from None
+    except RecursionError:
+        raise FinetuneError(f"{yaml_path}: not a data.yaml (nested too deeply to read)") from None
     if not isinstance(raw, dict):
         raise FinetuneError(
             f"{yaml_path}: expected a mapping with path/train/val/names keys, got "
             f"{type(raw).__name__}; rewrite it as a YOLO data.yaml"
         )
     return raw
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's problem and where it is, on one line (its own text spans several lines and
+    starts with context such as "while scanning a simple key")."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        text = exc.problem
+        if exc.problem_mark is not None:
+            text += f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 def _resolve_root(raw: dict, yaml_path: Path) -> Path:
@@ -117,6 +184,11 @@ def _resolve_root(raw: dict, yaml_path: Path) -> Path:
 def _parse_names(raw: dict, yaml_path: Path) -> list[str]:
     names = raw.get("names")
     nc = raw.get("nc")
+    if isinstance(names, (dict, list, tuple)) and len(names) > MAX_CLASSES:
+        raise FinetuneError(
+            f"{yaml_path}: 'names' lists {len(names)} classes, more than the limit of {MAX_CLASSES}; "
+            f"fix 'names'"
+        )
     if isinstance(names, dict):
         names = _names_from_mapping(names, yaml_path)
     elif isinstance(names, (list, tuple)):
@@ -128,6 +200,8 @@ def _parse_names(raw: dict, yaml_path: Path) -> list[str]:
         )
     if nc is not None and (not isinstance(nc, int) or isinstance(nc, bool) or nc < 1):
         raise FinetuneError(f"{yaml_path}: 'nc: {nc}' is not a positive integer; fix 'nc'")
+    if nc is not None and nc > MAX_CLASSES:
+        raise FinetuneError(f"{yaml_path}: 'nc: {nc}' is more than the limit of {MAX_CLASSES} classes; fix 'nc'")
     if names is None and nc is None:
         raise FinetuneError(f"{yaml_path}: no 'names' or 'nc'; add 'names: [class0, class1, ...]'")
     if names is not None and nc is not None and nc != len(names):
@@ -139,6 +213,12 @@ def _parse_names(raw: dict, yaml_path: Path) -> list[str]:
         names = [f"class{i}" for i in range(nc)]
     if not names:
         raise FinetuneError(f"{yaml_path}: 'names' is empty; list at least one class name")
+    for index, name in enumerate(names):
+        if len(name) > MAX_CLASS_NAME_CHARS:
+            raise FinetuneError(
+                f"{yaml_path}: class {index}'s name is {len(name)} characters, more than the limit of "
+                f"{MAX_CLASS_NAME_CHARS}; shorten it in 'names'"
+            )
     return names
 
 
