@@ -34,10 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "trainer"))
 
 from finetune.allocator import tune_malloc  # noqa: E402
-from finetune.config import DEFAULT_HYP, WORKERS_HELP, workers_arg, workers_text  # noqa: E402
+from finetune.config import TrainConfig, add_train_arguments  # noqa: E402
 from finetune.data.dataset import auto_workers  # noqa: E402
 from finetune.data.synth import make_synthetic_dataset  # noqa: E402
 from finetune.freeze import freeze_modules, set_train_mode  # noqa: E402
+from finetune.hyperparameters import defaults as default_hyperparameters  # noqa: E402
 from finetune.loss import YoloLoss  # noqa: E402
 from finetune.models import build_model  # noqa: E402
 from finetune.telemetry import read_peak_rss_bytes, reset_peak_memory  # noqa: E402
@@ -54,7 +55,7 @@ def compute_floor(model_name: str, nc: int, depth: int, batch: int, imgsz: int, 
     model = build_model(model_name, nc=nc).to(device, memory_format=torch.channels_last)  # as `finetune train`
     freeze_modules(model, depth)
     set_train_mode(model)
-    hyp = dict(DEFAULT_HYP)
+    hyp = default_hyperparameters()
     accumulate = accumulation_steps(hyp, batch)
     opt = build_optimizer(model, "SGD", hyp, batch, accumulate)
     ema = ModelEMA(model, hyp["ema_decay"], hyp["ema_tau"])
@@ -95,15 +96,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def training_config(data: Path, model_name: str, depth: int, batch: int, imgsz: int, epochs: int,
+                    workers: int | None, device: str, run_dir: Path) -> TrainConfig:
+    return TrainConfig(data=data, model=model_name, freeze=str(depth), epochs=epochs, batch=batch, imgsz=imgsz,
+                       workers=workers, cache="ram", device=device, out=run_dir, hyp={"warmup_epochs": 0},
+                       progress=False)
+
+
 def real_training(data: Path, model_name: str, depth: int, batch: int, imgsz: int, epochs: int, workers: int | None,
                   device: str, out: Path) -> dict:
     """The real fine-tune: `finetune train` in its own process, read back from its files."""
     run_dir = out / f"freeze-{depth}"
-    cmd = [sys.executable, "-m", "finetune.cli", "train", "--data", str(data), "--model", model_name,
-           "--freeze", str(depth), "--epochs", str(epochs), "--batch", str(batch), "--imgsz", str(imgsz),
-           "--workers", workers_text(workers), "--cache", "ram", "--device", device, "--out", str(run_dir),
-           "--hyp", "warmup_epochs=0", "--progress", "false"]
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO / "trainer")})
+    cfg = training_config(data, model_name, depth, batch, imgsz, epochs, workers, device, run_dir)
+    subprocess.run([sys.executable, "-m", "finetune.cli", "train", *cfg.to_argv()], check=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO / "trainer")})
     summary = json.loads((run_dir / "metrics.json").read_text())
 
     rows = list(csv.DictReader(open(run_dir / "results.csv")))
@@ -133,7 +139,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--epochs", type=int, default=5, help="the first is start-up; the median of the rest counts")
     p.add_argument("--images", type=int, default=160, help="training images in the synthetic dataset")
-    p.add_argument("--workers", type=workers_arg, default=None, metavar="N|auto", help=WORKERS_HELP)
+    add_train_arguments(p, only=("workers",))
     p.add_argument("--steps", type=int, default=8,
                    help="batches per timed compute-floor window (rounded up to whole nominal batches)")
     p.add_argument("--floor-windows", type=int, default=3,

@@ -1,7 +1,8 @@
 """Pure functions that turn a FineTune spec into the Service and Pod manifests it needs.
 
 Nothing here talks to a cluster, so every manifest can be unit-tested from a spec dict.
-The container command follows docs/trainer-contract.md (flags, port 9400, --resume=auto).
+The container command follows docs/trainer-contract.md: its flags are written by the trainer's
+own ``TrainConfig.to_argv`` (port 9400, --resume=auto).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import hashlib
 import json
 import os
 from typing import Any, Mapping
+
+from finetune.config import TrainConfig
 
 GROUP = "finetune.dev"
 VERSION = "v1alpha1"
@@ -162,57 +165,43 @@ def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _format_number(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+def train_config(name: str, spec: Mapping[str, Any]) -> TrainConfig:
+    """The trainer's configuration for this FineTune; raises FinetuneError for what the trainer rejects."""
+    full = with_defaults(spec)
+    model = full.get("model") or {}
+    training = full["training"]
+    optional = {"lr0": training.get("learningRate"), "lr_schedule": training.get("lrSchedule"),
+                "patience": training.get("patience"), "seed": training.get("seed"),
+                "workers": training.get("dataLoaderWorkers")}
+    return TrainConfig(
+        data=f"{DATA_MOUNT}/{full['dataset']['config']}",
+        model=f"{CONFIG_MOUNT}/{model['config']['key']}" if model.get("config") else str(model["architecture"]),
+        weights=f"{WEIGHTS_MOUNT}/{model['weights']}" if model.get("weights") else None,
+        freeze=str(full["freeze"]),
+        freeze_bn=bool(full["freezeBatchNorm"]),
+        epochs=int(training["epochs"]),
+        batch=int(training["batchSize"]),
+        imgsz=int(training["imageSize"]),
+        optimizer=str(training["optimizer"]),
+        amp=str(training["amp"]),
+        cache=str(training["cache"]),
+        hyp=dict(sorted((training.get("hyperparameters") or {}).items())),
+        device="cuda" if int(full["gpusPerWorker"]) > 0 else "cpu",
+        out=output_directory(full),
+        name=name,
+        resume="auto",
+        metrics_port=METRICS_PORT,
+        # Keep the final metrics up long enough for one more scrape after the last epoch,
+        # so status and Prometheus see the finished run's numbers.
+        metrics_linger=METRICS_LINGER_SECONDS,
+        log_format="json",
+        **{key: value for key, value in optional.items() if value is not None},
+    )
 
 
 def trainer_arguments(name: str, spec: Mapping[str, Any]) -> list[str]:
     """`finetune train` flags (everything after `-m finetune.cli train`)."""
-    full = with_defaults(spec)
-    model = full.get("model") or {}
-    training = full["training"]
-    args = ["--data", f"{DATA_MOUNT}/{full['dataset']['config']}"]
-    if model.get("config"):
-        args += ["--model", f"{CONFIG_MOUNT}/{model['config']['key']}"]
-    else:
-        args += ["--model", str(model["architecture"])]
-    if model.get("weights"):
-        args += ["--weights", f"{WEIGHTS_MOUNT}/{model['weights']}"]
-    args += [
-        "--freeze", str(full["freeze"]),
-        "--freeze-bn", _format_number(bool(full["freezeBatchNorm"])),
-        "--epochs", str(training["epochs"]),
-        "--batch", str(training["batchSize"]),
-        "--imgsz", str(training["imageSize"]),
-        "--optimizer", str(training["optimizer"]),
-    ]
-    if training.get("learningRate") is not None:
-        args += ["--lr0", str(training["learningRate"])]
-    if training.get("lrSchedule"):
-        args += ["--lr-schedule", str(training["lrSchedule"])]
-    if training.get("patience") is not None:
-        args += ["--patience", str(training["patience"])]
-    args += ["--amp", str(training["amp"]), "--cache", str(training["cache"])]
-    if training.get("seed") is not None:
-        args += ["--seed", str(training["seed"])]
-    if training.get("dataLoaderWorkers") is not None:
-        args += ["--workers", str(training["dataLoaderWorkers"])]
-    for key, value in sorted((training.get("hyperparameters") or {}).items()):
-        args += ["--hyp", f"{key}={_format_number(value)}"]
-    args += [
-        "--device", "cuda" if int(full["gpusPerWorker"]) > 0 else "cpu",
-        "--out", output_directory(full),
-        "--name", name,
-        "--resume=auto",
-        "--metrics-port", str(METRICS_PORT),
-        # Keep the final metrics up long enough for one more scrape after the last epoch,
-        # so status and Prometheus see the finished run's numbers.
-        "--metrics-linger", str(METRICS_LINGER_SECONDS),
-        "--log-format", "json",
-    ]
-    return args
+    return train_config(name, spec).to_argv()
 
 
 def output_directory(spec: Mapping[str, Any]) -> str:
@@ -385,18 +374,3 @@ def build_worker_pod(
         },
         "spec": pod_spec,
     }
-
-
-def build_worker_pods(
-    name: str,
-    namespace: str,
-    spec: Mapping[str, Any],
-    owner: Mapping[str, Any],
-    attempt: int = 0,
-    default_image: str | None = None,
-) -> list[dict[str, Any]]:
-    full = with_defaults(spec)
-    return [
-        build_worker_pod(name, namespace, full, i, owner, attempt, default_image)
-        for i in range(int(full["workers"]))
-    ]

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from finetune import hyperparameters as hyperparameter_table
 from finetune.errors import FinetuneError
 from finetune.models import config as model_config
 
@@ -20,7 +21,6 @@ from . import manifests
 
 # Service names are DNS-1035 labels; pod hostnames are DNS-1123 labels (63 characters).
 _DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-_HYPERPARAMETER_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NUMBER = re.compile(r"^-?[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$")
 _MAX_LABEL = 63
 
@@ -131,13 +131,12 @@ def validate_spec(
             f"spec.training.learningRate {training['learningRate']!r} must be a positive number "
             "(e.g. 0.01 or \"1e-3\"); fix it"
         )
+    # The trainer's own table of hyperparameters, their ranges and meanings.
     for key, value in (training.get("hyperparameters") or {}).items():
-        if not _HYPERPARAMETER_KEY.match(str(key)):
-            problems.append(f"spec.training.hyperparameters key {key!r} must be an identifier; rename it")
-        if not _is_number(value):
-            problems.append(
-                f"spec.training.hyperparameters.{key} {value!r} must be a number; fix the value"
-            )
+        why = hyperparameter_table.problem(str(key), value)
+        if why is not None:
+            fix = "fix the value" if key in hyperparameter_table.BY_NAME else "remove or rename it"
+            problems.append(f"spec.training.hyperparameters.{key}: {why}; {fix}")
 
     # Restarts and suspend/resume continue from OUT/last.pt, which must outlive the pods.
     output = full.get("output") or {}
@@ -153,6 +152,12 @@ def validate_spec(
                 "from last.pt in the output volume; set spec.output.volume and spec.output.path, "
                 "or set spec.backoffLimit: 0"
             )
+    if not problems:
+        # Anything else the trainer would refuse, so no pod starts only to exit 2.
+        try:
+            manifests.train_config(name, full)
+        except FinetuneError as e:
+            problems.append(f"the trainer rejects this spec: {e}; fix the matching spec.training field")
     return problems
 
 

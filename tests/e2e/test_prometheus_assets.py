@@ -53,7 +53,7 @@ def worker_pods(name: str, namespace: str, workers: int = 2) -> list[dict]:
             "dataset": {"config": "d.yaml", "volume": {"emptyDir": {}}}}
     owner = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTune",
              "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}"}}
-    pods = manifests.build_worker_pods(name, namespace, spec, owner)
+    pods = [manifests.build_worker_pod(name, namespace, spec, i, owner) for i in range(workers)]
     for i, pod in enumerate(pods):
         pod["metadata"]["uid"] = f"{name}-pod-{i}"
         pod["spec"]["nodeName"] = "node-0"

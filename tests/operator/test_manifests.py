@@ -43,9 +43,8 @@ NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
 
 
 def pods_for(key: str) -> list[dict]:
-    sample = load_sample(key)
-    body = finetune_body(sample)
-    return m.build_worker_pods(sample["metadata"]["name"], "ml", sample["spec"], body)
+    """The pods the operator's first reconcile of a sample creates."""
+    return reconcile.plan(finetune_body(load_sample(key)), [], False, NOW, lambda: []).create_pods
 
 
 def command_after(command: list[str], flag: str) -> str:
@@ -112,10 +111,12 @@ def test_every_sample_pod_is_restricted_owned_and_labelled(sample_key):
 def test_one_gpu_backbone_sample_command_and_resources():
     (pod,) = pods_for("freeze-backbone-1gpu")
     container = pod["spec"]["containers"][0]
+    # TrainConfig.to_argv writes every set field, so the trainer's default schedule is explicit.
     assert container["command"][9:] == [
         "--data", "/data/traffic-signs/data.yaml", "--model", "yolov5s", "--weights", "/weights/yolov5s.pt",
         "--freeze", "backbone", "--freeze-bn", "true", "--epochs", "50", "--batch", "32", "--imgsz", "640",
-        "--optimizer", "SGD", "--lr0", "0.005", "--patience", "10", "--amp", "auto", "--cache", "ram",
+        "--optimizer", "SGD", "--lr0", "0.005", "--lr-schedule", "cosine", "--patience", "10", "--amp", "auto",
+        "--cache", "ram",
         "--seed", "0", "--device", "cuda", "--out", "/output/yolov5s-traffic-signs", "--name", "yolov5s-traffic-signs",
         "--resume=auto", "--metrics-port", "9400", "--metrics-linger", "20", "--log-format", "json",
     ]
@@ -134,7 +135,7 @@ def test_two_by_four_gpu_sample_ranks_scheduling_and_hyperparameters():
         assert f"--node-rank={rank}" in command and "--nproc-per-node=4" in command and "--nnodes=2" in command
         assert "--master-addr=yolov5m-retail-2x4gpu-worker-0.yolov5m-retail-2x4gpu" in command
         assert command_after(command, "--freeze") == "all-but-detect"
-        assert command_after(command, "--lr0") == "1e-3"
+        assert command_after(command, "--lr0") == "0.001"  # learningRate "1e-3", as the number the trainer reads
         assert command_after(command, "--lr-schedule") == "cosine"
         assert command_after(command, "--workers") == "8"
         hyps = [command[i + 1] for i, a in enumerate(command) if a == "--hyp"]
@@ -465,7 +466,8 @@ def test_retryable_failure_restarts_then_backoff_limit_fails():
     recreate = reconcile.plan(body, [], True, NOW, lambda: [])
     assert [p["metadata"]["labels"]["finetune.dev/attempt"] for p in recreate.create_pods] == ["1", "1"]
     body["status"]["restarts"] = 2
-    pods = with_status(m.build_worker_pods("cpu-smoke", "ml", body["spec"], body, attempt=2), ("Failed", 143), "Running")
+    pods = with_status(reconcile.plan(body, [], True, NOW, lambda: []).create_pods, ("Failed", 143), "Running")
+    assert [p["metadata"]["labels"]["finetune.dev/attempt"] for p in pods] == ["2", "2"]
     exhausted = reconcile.plan(body, pods, True, NOW, lambda: [])
     assert exhausted.status["phase"] == "Failed"
     assert st.get_condition(exhausted.status["conditions"], "Failed")["reason"] == "BackoffLimitExceeded"

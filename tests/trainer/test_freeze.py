@@ -7,9 +7,11 @@ import torch
 from torch import nn
 
 from finetune.errors import FinetuneError
-from finetune.freeze import FreezeInfo, freeze_modules, set_train_mode, trainable_parameters
+from finetune.freeze import FreezeInfo, freeze_modules, set_train_mode
+from finetune.hyperparameters import defaults as default_hyperparameters
 from finetune.models.config import resolve_freeze
 from finetune.models.yolo import DetectionModel
+from finetune.train import build_optimizer
 
 IMGSZ = 64
 
@@ -35,6 +37,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 
         optimizer.step()
 
 
+def training_optimizer(model: nn.Module, lr0: float = 0.1) -> torch.optim.Optimizer:
+    """The optimizer `finetune train` builds (SGD, its parameter groups), at a learning rate that moves weights."""
+    return build_optimizer(model, "SGD", {**default_hyperparameters(), "lr0": lr0}, batch=2, accumulate=1)
+
+
+def optimized_parameters(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def module_index(key: str) -> int:
     return int(key.split(".")[1])
 
@@ -43,7 +54,7 @@ def test_freeze_backbone_keeps_params_and_bn_stats_bit_identical(model):
     info = freeze_modules(model, resolve_freeze("backbone", model.yaml))
     assert isinstance(info, FreezeInfo) and info.depth == 10 and info.freeze_bn
     before = snapshot(model)
-    optimizer = torch.optim.SGD(trainable_parameters(model), lr=0.1, momentum=0.9)
+    optimizer = training_optimizer(model)
     train_step(model, optimizer, steps=2)
     after = model.state_dict()
     for key, old in before.items():
@@ -60,7 +71,7 @@ def test_freeze_backbone_keeps_params_and_bn_stats_bit_identical(model):
 def test_freeze_bn_false_lets_frozen_statistics_move(model):
     freeze_modules(model, 10, freeze_bn=False)
     before = snapshot(model)
-    optimizer = torch.optim.SGD(trainable_parameters(model), lr=0.1)
+    optimizer = training_optimizer(model)
     train_step(model, optimizer)
     after = model.state_dict()
     for key, old in before.items():
@@ -88,7 +99,7 @@ def test_bn_policy_survives_every_train_call(model):
 
 def test_optimizer_receives_only_trainable_parameters(model):
     info = freeze_modules(model, 10)
-    params = trainable_parameters(model)
+    params = optimized_parameters(training_optimizer(model))
     frozen_ids = {id(p) for m in model.model[:10] for p in m.parameters()}
     assert params and not frozen_ids & {id(p) for p in params}
     assert sum(p.numel() for p in params) == info.trainable_params
@@ -96,8 +107,9 @@ def test_optimizer_receives_only_trainable_parameters(model):
     assert info.frozen_params + info.trainable_params == total
     assert info.frozen_params == sum(p.numel() for m in model.model[:10] for p in m.parameters())
     assert info.frozen_modules[0] == "model.0 (Conv)" and len(info.frozen_modules) == 10
-    optimizer = torch.optim.SGD(params, lr=0.01)
-    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(params)
+    # Every trainable parameter is optimized, each once.
+    assert len(params) == len({id(p) for p in params})
+    assert {id(p) for p in params} == {id(p) for p in model.parameters() if p.requires_grad}
 
 
 def test_all_but_detect_trains_only_the_head(model):
@@ -105,7 +117,7 @@ def test_all_but_detect_trains_only_the_head(model):
     head = model.model[-1]
     assert info.depth == 24
     assert info.trainable_params == sum(p.numel() for p in head.parameters())
-    assert {id(p) for p in trainable_parameters(model)} == {id(p) for p in head.parameters()}
+    assert {id(p) for p in optimized_parameters(training_optimizer(model))} == {id(p) for p in head.parameters()}
 
 
 def test_refreeze_shallower_unfreezes(model):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import WORKERS_HELP, workers_arg, workers_text
+from .config import TrainConfig, add_train_arguments
 from .errors import FinetuneError
 
 DEFAULT_DEPTHS = ("0", "backbone", "all-but-detect")
@@ -27,19 +27,11 @@ SUGGEST_MAP_TOLERANCE = 0.02
 
 
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, type=Path, help="YOLO data.yaml of your dataset")
-    p.add_argument("--model", default="yolov5s", help="model name or YAML (default: yolov5s)")
-    p.add_argument("--weights", type=Path, default=None, help="pretrained weights to fine-tune from")
+    # The flags each run passes on to `finetune train`, as that command spells them.
+    add_train_arguments(p, only=("data", "model", "weights", "epochs", "batch", "imgsz", "cache", "seed", "workers",
+                                 "hyp", "device"), defaults={"epochs": 10})
     p.add_argument("--freeze", default=",".join(DEFAULT_DEPTHS),
                    help="comma-separated freeze depths to compare (default: 0,backbone,all-but-detect)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs per run (default: 10)")
-    p.add_argument("--batch", type=int, default=16, help="batch size (default: 16)")
-    p.add_argument("--imgsz", type=int, default=640, help="image size (default: 640)")
-    p.add_argument("--workers", type=workers_arg, default=None, metavar="N|auto", help=WORKERS_HELP)
-    p.add_argument("--cache", choices=("none", "ram"), default="none", help="image cache (default: none)")
-    p.add_argument("--seed", type=int, default=0, help="random seed, the same for every run (default: 0)")
-    p.add_argument("--hyp", action="append", default=[], metavar="KEY=VALUE", help="hyperparameter override (repeatable)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default: auto)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve each run's metrics on this port while it runs")
     p.add_argument("--out", required=True, type=Path, help="directory for the runs, table and plots")
     p.add_argument("--reuse", action="store_true",
@@ -64,18 +56,16 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     return comparison
 
 
+def train_config(args: argparse.Namespace, depth: str, run_dir: Path) -> TrainConfig:
+    """The fine-tune of one freeze depth: the same settings for every depth."""
+    return TrainConfig(data=args.data, model=args.model, weights=args.weights, freeze=depth, epochs=args.epochs,
+                       batch=args.batch, imgsz=args.imgsz, cache=args.cache, seed=args.seed, workers=args.workers,
+                       hyp=args.hyp, device=args.device, out=run_dir, name=run_dir.name,
+                       metrics_port=args.metrics_port or None)
+
+
 def train_command(args: argparse.Namespace, depth: str, run_dir: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "finetune.cli", "train", "--data", str(args.data), "--model", str(args.model),
-           "--freeze", depth, "--epochs", str(args.epochs), "--batch", str(args.batch), "--imgsz", str(args.imgsz),
-           "--workers", workers_text(args.workers), "--cache", args.cache, "--seed", str(args.seed), "--device", args.device,
-           "--out", str(run_dir), "--name", run_dir.name]
-    if args.weights:
-        cmd += ["--weights", str(args.weights)]
-    for h in args.hyp:
-        cmd += ["--hyp", h]
-    if args.metrics_port:
-        cmd += ["--metrics-port", str(args.metrics_port)]
-    return cmd
+    return [sys.executable, "-m", "finetune.cli", "train", *train_config(args, depth, run_dir).to_argv()]
 
 
 def run_one(args: argparse.Namespace, depth: str, run_dir: Path) -> dict[str, Any]:

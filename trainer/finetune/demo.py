@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .compare import run_compare
-from .config import WORKERS_HELP, workers_arg, workers_text
+from .config import TrainConfig, add_train_arguments
 from .data.synth import make_synthetic_dataset
 from .errors import EXIT_USAGE, FinetuneError
 
@@ -57,6 +57,13 @@ def free_port(preferred: int) -> int:
     return preferred
 
 
+def pretrain_config(out: Path, data: Path, size: DemoSize, workers: int | None, device: str) -> TrainConfig:
+    # AdamW trains a from-scratch stand-in for "COCO weights" fast and stably.
+    return TrainConfig(data=data, model="yolov5n", epochs=size.pretrain_epochs, batch=size.batch, imgsz=size.imgsz,
+                       workers=workers, cache="ram", device=device, out=out, name="pretrain", optimizer="AdamW",
+                       lr0=0.002, hyp={"nbs": 16, "warmup_epochs": 1, "mosaic": 0.5, "lrf": 0.1})
+
+
 def pretrain(out: Path, data: Path, size: DemoSize, workers: int | None, device: str) -> Path:
     """Train the stand-in for 'COCO weights' once; later demos reuse it."""
     best = out / "best.pt"
@@ -66,12 +73,7 @@ def pretrain(out: Path, data: Path, size: DemoSize, workers: int | None, device:
         return best
     for stale in ("last.pt", "best.pt", "results.csv", "metrics.json"):
         (out / stale).unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "finetune.cli", "train", "--data", str(data), "--model", "yolov5n",
-           "--epochs", str(size.pretrain_epochs), "--batch", str(size.batch), "--imgsz", str(size.imgsz),
-           "--workers", workers_text(workers), "--cache", "ram", "--device", device, "--out", str(out), "--name", "pretrain",
-           "--hyp", "nbs=16", "--hyp", "warmup_epochs=1", "--hyp", "mosaic=0.5",
-           # AdamW trains a from-scratch stand-in for "COCO weights" fast and stably.
-           "--optimizer", "AdamW", "--lr0", "0.002", "--hyp", "lrf=0.1"]
+    cmd = [sys.executable, "-m", "finetune.cli", "train", *pretrain_config(out, data, size, workers, device).to_argv()]
     print("\n=== pre-training yolov5n on the source classes " + ", ".join(SOURCE_CLASSES), flush=True)
     result = subprocess.run(cmd)
     if result.returncode != 0:
@@ -113,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m finetune.demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where everything goes (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a reduced size for CI: fewer images and epochs")
-    p.add_argument("--workers", type=workers_arg, default=None, metavar="N|auto", help=WORKERS_HELP)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="device (default: auto)")
+    add_train_arguments(p, only=("workers", "device"))
     p.add_argument("--metrics-port", type=int, default=9400, help="live metrics port (default: 9400, else a free one)")
     p.add_argument("--update-readme", type=Path, default=None, metavar="README",
                    help="copy the table and plots into README's demo-results section (and docs/demo/)")
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         compare_args = argparse.Namespace(
             data=target, model="yolov5n", weights=weights, freeze="0,backbone,all-but-detect",
             epochs=size.finetune_epochs, batch=size.batch, imgsz=size.imgsz, workers=args.workers, cache="ram",
-            seed=0, hyp=["nbs=16", "warmup_epochs=1"], device=args.device,
+            seed=0, hyp={"nbs": 16, "warmup_epochs": 1}, device=args.device,
             metrics_port=free_port(args.metrics_port), out=out / "compare", reuse=False)
         comparison = run_compare(compare_args)
         if args.update_readme:

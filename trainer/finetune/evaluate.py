@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -309,30 +309,23 @@ def _batch_records(
     return records
 
 
-def _gather_records(records: list[dict], loss_sum: Tensor | None, n_batches: int):
+def _gather_records(records: list[dict]) -> list[dict] | None:
     """Collect every rank's records on rank 0, keeping one record per image_id.
 
     DistributedSampler pads the last shard with repeated images; deduplication removes
-    them so each image counts once. Returns (records, loss_sum, n_batches) on rank 0 and
-    (None, None, 0) elsewhere.
+    them so each image counts once. Returns the records on rank 0 and None elsewhere.
     """
     import torch.distributed as dist
 
-    payload = (records, None if loss_sum is None else loss_sum.cpu(), n_batches)
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(payload, gathered, dst=0)
+    dist.gather_object(records, gathered, dst=0)
     if dist.get_rank() != 0:
-        return None, None, 0
+        return None
     unique: dict[int, dict] = {}
-    losses, batches = [], 0
-    for recs, loss, nb in gathered:
+    for recs in gathered:
         for r in recs:
             unique.setdefault(r["image_id"], r)
-        if loss is not None:
-            losses.append(loss)
-        batches += nb
-    merged = sorted(unique.values(), key=lambda r: r["image_id"])
-    return merged, (torch.stack(losses).sum(0) if losses else None), batches
+    return sorted(unique.values(), key=lambda r: r["image_id"])
 
 
 @torch.inference_mode()
@@ -345,7 +338,6 @@ def evaluate(
     max_det: int = 300,
     amp_dtype: torch.dtype | None = None,
     distributed: bool = False,
-    loss_fn: Callable[[Any, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[dict[str, float], list[Prediction], list[dict]]:
     """Run validation and return ``(metrics, predictions, metas)``.
 
@@ -354,9 +346,6 @@ def evaluate(
     mapped to original-image pixels and scored with :func:`coco_metrics` (``nc`` is read
     from the prediction width). ``predictions[i]`` (dict boxes/scores/labels, numpy, xyxy
     original pixels) belongs to ``metas[i]``.
-
-    With ``loss_fn`` (e.g. a :class:`~finetune.loss.YoloLoss` on ``raw``) the mean loss
-    items over batches are added as ``box_loss``, ``obj_loss``, ``cls_loss``.
 
     With ``distributed`` every rank evaluates its shard; rank 0 gathers, de-duplicates by
     ``image_id`` and computes the metrics, which are broadcast so every rank returns the
@@ -367,25 +356,20 @@ def evaluate(
     was_training = model.training
     model.eval()
     records: list[dict] = []
-    loss_sum: Tensor | None = None
-    n_batches, nc = 0, None
+    nc = None
     try:
         for batch in dataloader:
             images, targets, metas = _unpack_batch(batch)
             images = images_to_float(images.to(device, non_blocking=True))
             with _autocast(device, amp_dtype):
                 out = model(images)
-            pred, raw = out if isinstance(out, (tuple, list)) else (out, None)
+            pred = out[0] if isinstance(out, (tuple, list)) else out
             nc = pred.shape[-1] - 5
-            if loss_fn is not None:
-                items = loss_fn(raw, targets.to(device))[1].detach().float().cpu()
-                loss_sum = items if loss_sum is None else loss_sum + items
             det = non_max_suppression(pred, conf_thres, iou_thres, max_det)
             records += _batch_records(det, targets, metas, images.shape[-2:])
-            n_batches += 1
     finally:
         model.train(was_training)
-    return _finish(records, loss_sum, n_batches, nc, distributed)
+    return _finish(records, nc, distributed)
 
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
@@ -394,7 +378,7 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
-def _finish(records, loss_sum, n_batches, nc, distributed):
+def _finish(records, nc, distributed):
     """Compute (on rank 0 when distributed) and share the metrics."""
     local = records
     if distributed:
@@ -403,13 +387,10 @@ def _finish(records, loss_sum, n_batches, nc, distributed):
         nc_all = [None] * dist.get_world_size()
         dist.all_gather_object(nc_all, nc)
         nc = next((n for n in nc_all if n is not None), None)
-        records, loss_sum, n_batches = _gather_records(records, loss_sum, n_batches)
+        records = _gather_records(records)
     metrics = None
     if records is not None:
         metrics = coco_metrics([r["pred"] for r in records], [r["gt"] for r in records], nc or 0)
-        if loss_sum is not None:
-            mean = (loss_sum / max(n_batches, 1)).tolist()
-            metrics.update(box_loss=mean[0], obj_loss=mean[1], cls_loss=mean[2])
     if distributed:
         box = [metrics]
         dist.broadcast_object_list(box, src=0)

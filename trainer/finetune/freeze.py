@@ -63,20 +63,11 @@ def freeze_modules(model: nn.Module, depth: int, freeze_bn: bool = True) -> Free
     return FreezeInfo(depth, frozen, trainable, names, bool(freeze_bn))
 
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters the optimizer may receive (frozen ones excluded)."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def set_train_mode(model: nn.Module, info: FreezeInfo | None = None) -> nn.Module:
+def set_train_mode(model: nn.Module) -> nn.Module:
     """Put the model in train mode with the freeze policy applied.
 
     ``DetectionModel.train()`` already applies the policy; this is the explicit spelling
-    for callers holding a wrapper, and it (re)records ``info``'s policy on the model.
+    for callers holding a wrapper.
     """
-    inner = unwrap_model(model)
-    if info is not None:
-        inner.frozen_depth = info.depth
-        inner.freeze_bn = info.freeze_bn
     model.train()
     return model

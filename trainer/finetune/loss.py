@@ -27,15 +27,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert, complete_box_iou_loss
 
-DEFAULT_HYP: dict[str, float] = {
-    "box": 0.05,
-    "cls": 0.5,
-    "obj": 1.0,
-    "cls_pw": 1.0,
-    "obj_pw": 1.0,
-    "anchor_t": 4.0,
-    "label_smoothing": 0.0,
-}
+from finetune import hyperparameters
+
 # Objectness weight per level, P3 (stride 8) first: there are many more small-object
 # cells, and they are harder, so their objectness counts more.
 _BALANCE = {3: [4.0, 1.0, 0.4]}
@@ -105,7 +98,7 @@ class YoloLoss:
         self.anchors = torch.as_tensor(anchors, dtype=torch.float32).detach().clone()
         self.nl, self.na = self.anchors.shape[:2]
         self.strides = torch.as_tensor(strides, dtype=torch.float32).flatten().tolist()
-        h = {**DEFAULT_HYP, **(dict(hyp) if hyp else {})}
+        h = {**hyperparameters.defaults(), **(dict(hyp) if hyp else {})}
         self.hyp = h
         scale = 3.0 / self.nl
         self.box_gain = float(h["box"]) * scale

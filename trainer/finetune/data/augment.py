@@ -12,8 +12,8 @@ images use ``torchvision.transforms.v2.functional``, colour jitter OpenCV (see
 :func:`random_colors`). All randomness is drawn from torch's global RNG, which
 ``DataLoader`` seeds per worker, so a seeded run is reproducible.
 
-Hyperparameter keys and meanings follow YOLOv5 (``hsv_h``, ``scale``, ``fliplr``, ...), so a
-user's existing hyp file means the same thing here.
+Hyperparameter keys, defaults and ranges are those of :mod:`finetune.hyperparameters`
+(YOLOv5's: ``hsv_h``, ``scale``, ``fliplr``, ...); :func:`resolve_hyp` checks a run's values.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from finetune.errors import FinetuneError
+from finetune.hyperparameters import resolve as resolve_hyp  # noqa: F401  (re-exported: the loader checks its hyp with it)
 
 PAD_VALUE = 114  # the gray YOLOv5 letterboxes with; pretrained weights have seen it
 
@@ -35,62 +35,10 @@ PAD_VALUE = 114  # the gray YOLOv5 letterboxes with; pretrained weights have see
 # across the DataLoader's fork can hang (YOLOv5 sets the same for that reason).
 cv2.setNumThreads(0)
 
-# Defaults suit fine-tuning: mild colour jitter, small translation, moderate zoom, flips,
-# no rotation/shear, and mosaic off (it fights the small-dataset regime fine-tuning is for).
-DEFAULT_HYP: dict[str, float] = {
-    "hsv_h": 0.015,  # hue shift, fraction of the colour circle (±)
-    "hsv_s": 0.7,  # saturation gain (±fraction)
-    "hsv_v": 0.4,  # value/brightness gain (±fraction)
-    "degrees": 0.0,  # rotation (±deg)
-    "translate": 0.1,  # translation (±fraction of the image size)
-    "scale": 0.5,  # zoom gain (±fraction)
-    "shear": 0.0,  # shear (±deg)
-    "fliplr": 0.5,  # probability of a left-right flip
-    "flipud": 0.0,  # probability of an up-down flip
-    "mosaic": 0.0,  # probability of a 4-image mosaic
-}
-_PROBABILITIES = ("fliplr", "flipud", "mosaic")
-_FRACTIONS = ("hsv_h", "hsv_s", "hsv_v", "translate", "scale")
-
 # Boxes that an augmentation shrinks below this are no longer a fair training target.
 MIN_BOX_PX = 2.0
 MIN_AREA_RATIO = 0.1
 MAX_ASPECT = 20.0
-
-
-def resolve_hyp(hyp: Mapping[str, object] | None) -> dict[str, float]:
-    """Defaults overlaid with the user's values; keys we don't use (loss gains...) pass through.
-
-    Bad values are a user error (they come from ``--hyp KEY=VALUE``), so they raise
-    ``FinetuneError`` naming the key instead of failing deep inside a worker.
-    """
-    out: dict[str, float] = dict(DEFAULT_HYP)
-    for key, value in (hyp or {}).items():
-        if key not in DEFAULT_HYP:
-            continue
-        try:
-            out[key] = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise FinetuneError(
-                f"hyperparameter {key}={value!r} is not a number; "
-                f"pass e.g. --hyp {key}={DEFAULT_HYP[key]}"
-            ) from None
-    for key in _PROBABILITIES:
-        if not 0.0 <= out[key] <= 1.0:
-            raise FinetuneError(
-                f"hyperparameter {key}={out[key]} is a probability; pass a value in [0, 1]"
-            )
-    for key in _FRACTIONS:
-        if not 0.0 <= out[key] < 1.0:
-            raise FinetuneError(
-                f"hyperparameter {key}={out[key]} must be in [0, 1); pass a smaller value"
-            )
-    for key, limit in (("degrees", 180.0), ("shear", 45.0)):
-        if not 0.0 <= out[key] <= limit:
-            raise FinetuneError(
-                f"hyperparameter {key}={out[key]} is in degrees; pass a value in [0, {limit:g}]"
-            )
-    return out
 
 
 # ----------------------------------------------------------------------------- randomness

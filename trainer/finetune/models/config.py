@@ -30,8 +30,6 @@ SUPPORTED_MODULES: tuple[str, ...] = (
     "Conv", "Bottleneck", "C3", "SPPF", "Concat", "Upsample", "nn.Upsample", "Detect",
 )
 
-FREEZE_PRESETS: tuple[str, ...] = ("backbone", "all-but-detect")
-
 _REQUIRED_KEYS = ("nc", "depth_multiple", "width_multiple", "anchors", "backbone", "head")
 
 
@@ -166,9 +164,14 @@ def detect_index(cfg: dict) -> int:
     return max(i for i, row in enumerate(rows) if row[2] == "Detect")
 
 
+# Named freeze depths, as functions of the model config: the whole backbone, or everything before Detect.
+_FREEZE_PRESET_DEPTHS = {"backbone": lambda cfg: len(cfg["backbone"]), "all-but-detect": detect_index}
+FREEZE_PRESETS: tuple[str, ...] = tuple(_FREEZE_PRESET_DEPTHS)
+
+
 def freeze_presets(cfg: dict) -> dict[str, int]:
-    """Named freeze depths: the whole backbone, or everything before Detect."""
-    return {"backbone": len(cfg["backbone"]), "all-but-detect": detect_index(cfg)}
+    """``{preset name: freeze depth}`` for this model config."""
+    return {name: depth(cfg) for name, depth in _FREEZE_PRESET_DEPTHS.items()}
 
 
 def resolve_freeze(freeze: str | int | None, cfg: dict) -> int:

@@ -233,9 +233,6 @@ class DetectionModel(nn.Module):
         return self
 
 
-Model = DetectionModel  # the name older Ultralytics code uses
-
-
 def build_model(name_or_cfg: str | dict, nc: int | None = None, ch: int = 3) -> DetectionModel:
     """Build a model from a built-in name, a YAML path or a config dict."""
     return DetectionModel(name_or_cfg, nc=nc, ch=ch)
