@@ -96,20 +96,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def training_config(data: Path, model_name: str, depth: int, batch: int, imgsz: int, epochs: int,
-                    workers: int | None, device: str, run_dir: Path) -> TrainConfig:
-    return TrainConfig(data=data, model=model_name, freeze=str(depth), epochs=epochs, batch=batch, imgsz=imgsz,
-                       workers=workers, cache="ram", device=device, out=run_dir, hyp={"warmup_epochs": 0},
-                       progress=False)
+def training_command(data: Path, model_name: str, depth: int, batch: int, imgsz: int, epochs: int,
+                     workers: int | None, device: str, run_dir: Path) -> list[str]:
+    cfg = TrainConfig(data=data, model=model_name, freeze=str(depth), epochs=epochs, batch=batch, imgsz=imgsz,
+                      workers=workers, cache="ram", device=device, out=run_dir, hyp={"warmup_epochs": 0},
+                      progress=False)
+    return [sys.executable, "-m", "finetune.cli", "train", *cfg.to_argv()]
 
 
 def real_training(data: Path, model_name: str, depth: int, batch: int, imgsz: int, epochs: int, workers: int | None,
                   device: str, out: Path) -> dict:
     """The real fine-tune: `finetune train` in its own process, read back from its files."""
     run_dir = out / f"freeze-{depth}"
-    cfg = training_config(data, model_name, depth, batch, imgsz, epochs, workers, device, run_dir)
-    subprocess.run([sys.executable, "-m", "finetune.cli", "train", *cfg.to_argv()], check=True,
-                   env={**os.environ, "PYTHONPATH": str(REPO / "trainer")})
+    subprocess.run(training_command(data, model_name, depth, batch, imgsz, epochs, workers, device, run_dir),
+                   check=True, env={**os.environ, "PYTHONPATH": str(REPO / "trainer")})
     summary = json.loads((run_dir / "metrics.json").read_text())
 
     rows = list(csv.DictReader(open(run_dir / "results.csv")))

@@ -57,11 +57,12 @@ def free_port(preferred: int) -> int:
     return preferred
 
 
-def pretrain_config(out: Path, data: Path, size: DemoSize, workers: int | None, device: str) -> TrainConfig:
+def pretrain_command(out: Path, data: Path, size: DemoSize, workers: int | None, device: str) -> list[str]:
     # AdamW trains a from-scratch stand-in for "COCO weights" fast and stably.
-    return TrainConfig(data=data, model="yolov5n", epochs=size.pretrain_epochs, batch=size.batch, imgsz=size.imgsz,
-                       workers=workers, cache="ram", device=device, out=out, name="pretrain", optimizer="AdamW",
-                       lr0=0.002, hyp={"nbs": 16, "warmup_epochs": 1, "mosaic": 0.5, "lrf": 0.1})
+    cfg = TrainConfig(data=data, model="yolov5n", epochs=size.pretrain_epochs, batch=size.batch, imgsz=size.imgsz,
+                      workers=workers, cache="ram", device=device, out=out, name="pretrain", optimizer="AdamW",
+                      lr0=0.002, hyp={"nbs": 16, "warmup_epochs": 1, "mosaic": 0.5, "lrf": 0.1})
+    return [sys.executable, "-m", "finetune.cli", "train", *cfg.to_argv()]
 
 
 def pretrain(out: Path, data: Path, size: DemoSize, workers: int | None, device: str) -> Path:
@@ -73,9 +74,8 @@ def pretrain(out: Path, data: Path, size: DemoSize, workers: int | None, device:
         return best
     for stale in ("last.pt", "best.pt", "results.csv", "metrics.json"):
         (out / stale).unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "finetune.cli", "train", *pretrain_config(out, data, size, workers, device).to_argv()]
     print("\n=== pre-training yolov5n on the source classes " + ", ".join(SOURCE_CLASSES), flush=True)
-    result = subprocess.run(cmd)
+    result = subprocess.run(pretrain_command(out, data, size, workers, device))
     if result.returncode != 0:
         raise FinetuneError(f"pre-training failed (exit {result.returncode}); see the output above")
     return best

@@ -61,7 +61,7 @@ def _at_least(name: str, default: float, minimum: float, meaning: str, inclusive
 # no rotation/shear, and mosaic off (it fights the small-dataset regime fine-tuning is for).
 HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
     # optimizer and schedule
-    _at_least("lr0", 0.01, 0.0, "initial learning rate (SGD; AdamW typically 0.001)", inclusive=False),
+    _at_least("lr0", 0.01, 0.0, "initial learning rate, e.g. 0.01 for SGD, 0.001 for AdamW", inclusive=False),
     _closed("lrf", 0.01, 1.0, "final learning rate as a fraction of lr0"),
     _below("momentum", 0.937, 1.0, "SGD momentum / AdamW beta1"),
     _at_least("weight_decay", 5e-4, 0.0, "weight decay, scaled by batch x accumulate / nbs"),
