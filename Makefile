@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # processes started by the test node agent can run the same environment.
 SYSTEM_PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
 
-.PHONY: setup demo test test-fast lint readme-results bench device-wheels cluster-demo clean
+.PHONY: setup demo test test-fast lint readme-results contract-doc bench device-wheels cluster-demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(SYSTEM_PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: setup
 # Re-measure the demo and rewrite README's results section and docs/demo/*.png.
 readme-results: setup
 	$(PY) -m finetune.demo --update-readme README.md
+
+# Regenerate docs/trainer-contract.md's flag and hyperparameter tables from finetune.config.
+contract-doc: setup
+	$(PY) -m finetune.config --update-doc docs/trainer-contract.md
 
 # A real control plane + node agent on this machine (root): install the chart, apply the
 # CPU sample FineTune and watch it train. See tests/cluster/README.md.
