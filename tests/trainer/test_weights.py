@@ -35,18 +35,27 @@ FOREIGN = {  # our class -> (Ultralytics module, class name)
 }
 
 
-def save_as_ultralytics(model: nn.Module, path: pathlib.Path, plant=None, **extras) -> None:
+# The two layouts Ultralytics checkpoints come in: a clone of the repository pickles
+# ``models.yolo.*``, a model trained with ``pip install yolov5`` pickles ``yolov5.models.yolo.*``.
+LAYOUTS = {"repository": "", "pypi-yolov5": "yolov5."}
+
+
+def save_as_ultralytics(model: nn.Module, path: pathlib.Path, plant=None, layout: str = "repository",
+                        **extras) -> None:
     """Pickle ``model`` (half precision) as if its classes were Ultralytics' own.
 
-    Fake ``models``, ``models.yolo`` and ``models.common`` modules exist only while saving,
-    so loading must work without them (as it must without Ultralytics installed).
-    ``plant`` is set as an attribute of module 3 after copying (deepcopy would run it).
+    Fake ``models``, ``models.yolo`` and ``models.common`` modules (under ``yolov5.`` for the
+    PyPI layout) exist only while saving, so loading must work without them (as it must
+    without Ultralytics installed). ``plant`` is set as an attribute of module 3 after
+    copying (deepcopy would run it).
     """
-    fakes = {name: types.ModuleType(name) for name in ("models", "models.yolo", "models.common")}
+    prefix = LAYOUTS[layout]
+    names = [prefix + n for n in ("models", "models.yolo", "models.common")] + (["yolov5"] if prefix else [])
+    fakes = {name: types.ModuleType(name) for name in names}
     foreign = {}
     for ours, (mod, name) in FOREIGN.items():
-        cls = type(name, (nn.Module,), {"__module__": mod})
-        setattr(fakes[mod], name, cls)
+        cls = type(name, (nn.Module,), {"__module__": prefix + mod})
+        setattr(fakes[prefix + mod], name, cls)
         foreign[ours] = cls
     clone = copy.deepcopy(model).half()
     for m in clone.modules():
@@ -71,12 +80,12 @@ def source() -> DetectionModel:
     return DetectionModel("yolov5n", nc=80).eval()
 
 
-@pytest.fixture(scope="module")
-def ultralytics_pt(source, tmp_path_factory) -> pathlib.Path:
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def ultralytics_pt(source, tmp_path_factory, request) -> pathlib.Path:
     path = tmp_path_factory.mktemp("ult") / "yolov5n.pt"
     source.names = [f"class{i}" for i in range(80)]
     save_as_ultralytics(
-        source, path, epoch=3, best_fitness=np.array([0.42]), updates=120, optimizer=None,
+        source, path, layout=request.param, epoch=3, best_fitness=np.array([0.42]), updates=120, optimizer=None,
         opt=argparse.Namespace(epochs=300, save_dir=pathlib.Path("runs/train/exp")),
         date="2024-01-01T00:00:00", git={"remote": "x", "branch": "master"},
     )
@@ -89,7 +98,7 @@ def outputs(model: nn.Module) -> torch.Tensor:
 
 
 def test_ultralytics_checkpoint_loads_without_its_code(source, ultralytics_pt):
-    assert "models" not in sys.modules
+    assert "models" not in sys.modules and "yolov5" not in sys.modules
     ckpt = load_checkpoint(ultralytics_pt)
     assert ckpt["weights_format"] == "ultralytics"
     assert ckpt["epoch"] == 3 and ckpt["updates"] == 120 and ckpt["optimizer"] is None
@@ -100,7 +109,7 @@ def test_ultralytics_checkpoint_loads_without_its_code(source, ultralytics_pt):
     state = ckpt["model"]
     assert list(state) == list(source.state_dict())
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
-    assert "models" not in sys.modules, "loading must not import Ultralytics' packages"
+    assert "models" not in sys.modules and "yolov5" not in sys.modules, "loading must not import Ultralytics' packages"
 
 
 def test_ultralytics_weights_give_the_same_outputs(source, ultralytics_pt, caplog):

@@ -246,8 +246,13 @@ def _open_archive(path: Path, what: str) -> torch._C.PyTorchFileReader:
 
 def _check_records(reader: torch._C.PyTorchFileReader, file_size: int, what: str) -> dict[str, int]:
     """Record name -> size, once every record is known to occupy its own bytes of the file."""
+    # has_record first: an archive whose other names are not valid UTF-8 (which
+    # get_all_records cannot return) is still recognised as TorchScript.
+    if reader.has_record("constants.pkl"):
+        raise FinetuneError(f"{what} is a TorchScript export, not a training checkpoint (loading it runs "
+                            "code); pass the .pt checkpoint (e.g. best.pt) instead")
     records = list(reader.get_all_records())
-    if "constants.pkl" in records or any(r.startswith("code/") for r in records):
+    if any(r.startswith("code/") for r in records):
         raise FinetuneError(f"{what} is a TorchScript export, not a training checkpoint (loading it runs "
                             "code); pass the .pt checkpoint (e.g. best.pt) instead")
     if "data.pkl" not in records:
@@ -396,7 +401,14 @@ def read_torch_file(path: str | os.PathLike, *, what: str | None = None, allow_s
         return _clean(obj, what, {})
     except FinetuneError:
         raise
-    except (Exception, RecursionError) as exc:  # anything torch's reader or unpickler rejects
+    except RecursionError:
+        raise FinetuneError(f"{what} was refused: it nests objects deeper than any checkpoint does") from None
+    except Exception as exc:  # anything torch's reader or unpickler rejects
+        if "resize storage that is not resizable" in str(exc):
+            # _rebuild_tensor_v2 -> set_() with an offset/size/stride beyond the storage: storages
+            # read from records are not resizable, so torch refuses instead of allocating.
+            raise FinetuneError(f"{what} was refused: a tensor in it reaches outside its storage (bad offset, "
+                                "size or stride)") from None
         raise FinetuneError(f"{what} is not a readable PyTorch checkpoint ({_first_line(exc)}); pass a .pt "
                             "file saved by this trainer or by YOLOv5 (re-download it if it was truncated)") from None
 
