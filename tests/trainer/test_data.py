@@ -206,7 +206,7 @@ def test_corrupt_images_and_label_lines_are_skipped_and_counted(tmp_path):
     assert ds.stats == {"images": 2, "skipped_images": 3, "labels": 2, "skipped_label_lines": 8, "empty_images": 1}
     assert [Path(p).name for p in ds.image_paths] == ["good.jpg", "background.jpg"]
     summary = ds.summary()
-    assert "3 corrupt images skipped" in summary and "8 bad label lines skipped" in summary and "\n" not in summary
+    assert "3 unusable images skipped" in summary and "8 bad label lines skipped" in summary and "\n" not in summary
     assert ds[0][1].shape == (2, 6) and ds[1][1].shape == (0, 6)
 
 

@@ -26,8 +26,8 @@ MAX_DATA_YAML_BYTES = 1 << 20
 MAX_CLASSES = 10_000
 MAX_CLASS_NAME_CHARS = 256
 
-# Extensions we look for when a split is a folder. JPEG/PNG/WebP decode with libjpeg-turbo /
-# libpng through torchvision; the others fall back to PIL in the dataset.
+# Extensions we look for when a split is a folder. JPEG/WebP decode with libjpeg-turbo /
+# libwebp through torchvision; the others with PIL in the dataset.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 

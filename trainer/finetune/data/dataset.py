@@ -1,14 +1,16 @@
 """The YOLO-format detection dataset, its collate function, and the DataLoader factory.
 
-Bad data never stops a run: undecodable or truncated images are dropped when the dataset is
-built (a cheap PIL header check), malformed label lines are dropped while the labels are
-read, and the counts end up in ``dataset.stats`` and ``dataset.summary()`` for the log. The
-labels are read once, up front, because they are tiny and it lets us report problems before
-the first epoch instead of from inside a worker process.
+Bad data never stops a run: undecodable or truncated images, and images declaring more pixels
+than the limit (decompression bombs), are dropped when the dataset is built (a cheap PIL
+header check), malformed label lines are dropped while the labels are read, and the counts
+end up in ``dataset.stats`` and ``dataset.summary()`` for the log. The labels are read once,
+up front, because they are tiny and it lets us report problems before the first epoch
+instead of from inside a worker process.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -21,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.io as tio
-from PIL import Image
-from torchvision.transforms.v2 import functional as F
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -37,7 +38,7 @@ from finetune.data.augment import (
     resolve_hyp,
     xyxy_to_xywhn,
 )
-from finetune.data.config import label_path_for
+from finetune.data.config import label_path_for, printable_path
 from finetune.distributed import cpus_per_process
 from finetune.errors import FinetuneError
 
@@ -53,7 +54,18 @@ warnings.filterwarnings(
 )
 
 COORD_TOLERANCE = 0.01  # labelling tools round; a box edge at 1.004 is still a good box
-_TORCHVISION_DECODES = {".jpg", ".jpeg", ".png", ".webp"}
+# Formats (as PIL names them from the header) torchvision decodes; PNG is not one of them:
+# torchvision 0.29's decode_png kills the process on a PNG libpng rejects mid-stream (a
+# short or corrupt IDAT), which PIL's header check passes; PIL raises instead, ~15% slower.
+_TORCHVISION_FORMATS = {"JPEG", "WEBP"}
+
+# The most pixels an image may declare in its header, checked before it is decoded, so a
+# few-KB file claiming 30000x30000 is skipped rather than decoded to 2.7 GB in every worker.
+# PIL's own default (Image.MAX_IMAGE_PIXELS): 256 MiB as 8-bit RGB, above 48 Mpx photos and
+# 8K frames. FINETUNE_MAX_IMAGE_PIXELS changes it (an environment variable reaches the pod and
+# its loader workers without a flag on every command); each worker holds one decoded image.
+MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+MAX_IMAGE_PIXELS_ENV = "FINETUNE_MAX_IMAGE_PIXELS"
 _MAX_EXAMPLES = 3  # skipped files quoted in the summary line
 _Shape = tuple[int, int]
 
@@ -93,6 +105,11 @@ class YoloDataset(Dataset):
         self.cache = cache
         self.skipped: list[tuple[str, str]] = []  # (path, reason) of dropped images
         self._warned: set[str] = set()
+        self.max_pixels = max_image_pixels()
+        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < self.max_pixels:
+            # PIL refuses twice its own limit in Image.open, before we see the size: a raised
+            # cap must raise PIL's too (loader workers fork with it).
+            Image.MAX_IMAGE_PIXELS = self.max_pixels
 
         self.image_paths, self.labels = self._verify([Path(p) for p in image_paths])
         self._ram: list[tuple[torch.Tensor, tuple[int, int]]] | None = None
@@ -101,7 +118,7 @@ class YoloDataset(Dataset):
         if self.skipped and not self.image_paths:
             path, reason = self.skipped[0]
             raise FinetuneError(
-                f"{prefix}all {len(self.skipped)} images are unusable (e.g. {path}: {reason}); "
+                f"{prefix}all {len(self.skipped)} images are unusable (e.g. {printable_path(path)}: {reason}); "
                 f"check the dataset files or point data.yaml at the right folder"
             )
         self.stats = self._count()
@@ -112,7 +129,7 @@ class YoloDataset(Dataset):
         kept, labels = [], []
         self._bad_lines = 0
         for path in paths:
-            reason = verify_image(path)
+            reason = verify_image(path, self.max_pixels)
             if reason:
                 self.skipped.append((str(path), reason))
                 continue
@@ -153,13 +170,13 @@ class YoloDataset(Dataset):
         text = (
             f"{self.prefix}{s['images']} images, {s['labels']} labels, "
             f"{s['empty_images']} background images, "
-            f"{s['skipped_images']} corrupt images skipped, "
+            f"{s['skipped_images']} unusable images skipped, "
             f"{s['skipped_label_lines']} bad label lines skipped"
         )
         if self.cache == "ram" and self._ram is not None:
             text += f", {self.ram_bytes() / 2**20:.0f} MiB cached in RAM"
         if self.skipped:
-            examples = "; ".join(f"{Path(p).name}: {r}" for p, r in self.skipped[:_MAX_EXAMPLES])
+            examples = "; ".join(f"{printable_path(Path(p).name)}: {r}" for p, r in self.skipped[:_MAX_EXAMPLES])
             text += f" (e.g. {examples})"
         return text
 
@@ -172,7 +189,7 @@ class YoloDataset(Dataset):
     # ------------------------------------------------------------------ loading
     def _decode_resized(self, path: Path) -> tuple[torch.Tensor, tuple[int, int]] | None:
         """Decoded RGB uint8 image resized to longest side = imgsz, and its original (h, w)."""
-        image = decode_rgb(path)
+        image = decode_rgb(path, self.max_pixels)
         if image is None:
             return None
         orig_shape = (int(image.shape[1]), int(image.shape[2]))
@@ -195,7 +212,7 @@ class YoloDataset(Dataset):
         path = str(self.image_paths[index])
         if path not in self._warned:
             self._warned.add(path)
-            log.warning("%scannot decode %s; using a blank image without labels", self.prefix, path)
+            log.warning("%scannot decode %s; using a blank image without labels", self.prefix, printable_path(path))
         blank = gray_canvas(self.imgsz, self.imgsz)
         return blank, (self.imgsz, self.imgsz), False
 
@@ -261,19 +278,46 @@ class YoloDataset(Dataset):
 
 
 # ---------------------------------------------------------------------- file checks
-def verify_image(path: Path) -> str | None:
+def max_image_pixels() -> int:
+    """The pixel cap: ``FINETUNE_MAX_IMAGE_PIXELS`` if set, else :data:`MAX_IMAGE_PIXELS`."""
+    text = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+    if not text:
+        return MAX_IMAGE_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise FinetuneError(
+            f"{MAX_IMAGE_PIXELS_ENV}={text!r} is not a positive number of pixels; set it to e.g. "
+            f"200000000 or unset it for the default {MAX_IMAGE_PIXELS}"
+        )
+    return value
+
+
+def _too_large(max_pixels: int, size: tuple[int, int] | None = None) -> str:
+    declared = f"{size[0]}x{size[1]}, " if size else ""
+    return f"too large ({declared}over {max_pixels} pixels; {MAX_IMAGE_PIXELS_ENV} raises the limit)"
+
+
+def verify_image(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None:
     """Why ``path`` is not a usable image, or None. Header-level only, so it is cheap.
 
-    PIL identifies the format and size without decoding; a JPEG must also end with the EOI
-    marker, which catches the commonest corruption (a partial download or copy).
+    PIL identifies the format and size without decoding; the size must be within
+    ``max_pixels``, and a JPEG must also end with the EOI marker, which catches the commonest
+    corruption (a partial download or copy).
     """
     try:
         with Image.open(path) as im:
-            im.verify()
             width, height = im.size
+            if width * height > max_pixels:
+                return _too_large(max_pixels, im.size)
+            im.verify()
             fmt = im.format
     except FileNotFoundError:
         return "file not found"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # a warning under -W error
+        return _too_large(max_pixels)
     except Exception as exc:  # PIL raises many types for garbage input
         return f"not an image ({type(exc).__name__})"
     if width < 2 or height < 2:
@@ -289,20 +333,30 @@ def verify_image(path: Path) -> str | None:
     return None
 
 
-def decode_rgb(path: Path) -> torch.Tensor | None:
-    """RGB uint8 ``[3, H, W]`` via torchvision's libjpeg-turbo/libpng decoders; EXIF
-    orientation applied, as labelling tools display it. PIL only for formats torchvision
-    can't decode (BMP, TIFF). None when the file is unreadable."""
+def decode_rgb(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor | None:
+    """RGB uint8 ``[3, H, W]``, EXIF orientation applied, as labelling tools display it; None
+    when the file is unreadable or its header declares more than ``max_pixels``.
+
+    The file is read once, by Python (which takes any file name, where torchvision's
+    ``read_file`` needs UTF-8), and the size checked from those bytes, so a file replaced
+    since :func:`verify_image` cannot slip a bigger image past the cap. JPEG and WebP decode
+    with torchvision (libjpeg-turbo, libwebp), the rest with PIL.
+    """
     try:
-        if path.suffix.lower() in _TORCHVISION_DECODES:
-            data = tio.read_file(str(path))
-            image = tio.decode_image(data, mode=tio.ImageReadMode.RGB, apply_exif_orientation=True)
-            # 16-bit PNGs decode to uint16; everything downstream is 8-bit.
-            if image.dtype != torch.uint8:
-                image = F.to_dtype(image, torch.uint8, scale=True)
-            return image
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"))
+        with open(path, "rb") as f:
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > max_pixels:
+                return None
+            if im.format in _TORCHVISION_FORMATS:
+                return tio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                        mode=tio.ImageReadMode.RGB, apply_exif_orientation=True)
+            ImageOps.exif_transpose(im, in_place=True)
+            if im.mode.startswith("I;16"):  # 16-bit gray: keep the high byte, as a scale to 8 bits
+                gray = (np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8)
+                array = np.repeat(gray[:, :, None], 3, axis=2)
+            else:
+                array = np.asarray(im.convert("RGB"))
         return torch.from_numpy(array.copy()).permute(2, 0, 1)  # channels-last already
     except Exception:  # corrupt data raises RuntimeError/OSError/ValueError, varying by codec
         return None
