@@ -62,8 +62,9 @@ _TORCHVISION_FORMATS = {"JPEG", "WEBP"}
 # The most pixels an image may declare in its header, checked before it is decoded, so a
 # few-KB file claiming 30000x30000 is skipped rather than decoded to 2.7 GB in every worker.
 # PIL's own default (Image.MAX_IMAGE_PIXELS): 256 MiB as 8-bit RGB, above 48 Mpx photos and
-# 8K frames. FINETUNE_MAX_IMAGE_PIXELS changes it (an environment variable reaches the pod and
-# its loader workers without a flag on every command); each worker holds one decoded image.
+# 8K frames; each loader worker holds one decoded image. FINETUNE_MAX_IMAGE_PIXELS changes it:
+# an environment variable reaches `finetune train`/`val` and their loader workers with no flag
+# to thread through (the FineTune resource has no field for it: its pods get a fixed env).
 MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
 MAX_IMAGE_PIXELS_ENV = "FINETUNE_MAX_IMAGE_PIXELS"
 _MAX_EXAMPLES = 3  # skipped files quoted in the summary line
