@@ -456,3 +456,10 @@ def test_our_own_checkpoints_refuse_stand_ins_on_resume(tmp_path):
     write_archive(last, dumps({"format": "finetune/v1", "model": New(G("models.yolo", "DetectionModel"))}))
     with pytest.raises(FinetuneError, match=r"cannot resume: .*models\.yolo\.DetectionModel"):
         load_resume_checkpoint(last)
+
+
+def test_a_weights_file_whose_name_is_not_utf8_is_read_by_its_bytes(tmp_path):
+    path = Path(os.fsdecode(bytes(tmp_path) + b"/w\xff\xfe.pt"))
+    with open(path, "wb") as f:
+        torch.save({"w": torch.arange(3.0)}, f)
+    assert torch.equal(read_torch_file(path)["w"], torch.arange(3.0))

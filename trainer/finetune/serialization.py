@@ -222,19 +222,19 @@ def max_weights_bytes() -> int:
     return int(raw)
 
 
-def _looks_legacy(path: Path) -> bool:
+def _looks_legacy(f: io.BufferedReader) -> bool:
     """A hint for the message only (the refusal does not depend on it): a pre-1.6 torch.save
     file is a pickle (protocol 2, magic number first) or a tar archive."""
-    with open(path, "rb") as f:
-        head = f.read(512)
+    f.seek(0)
+    head = f.read(512)
     return head.startswith(b"\x80\x02\x8a\x0a") or head[257:262] == b"ustar"
 
 
-def _open_archive(path: Path, what: str) -> torch._C.PyTorchFileReader:
+def _open_archive(f: io.BufferedReader, what: str) -> torch._C.PyTorchFileReader:
     try:
-        return torch._C.PyTorchFileReader(str(path))
+        return torch._C.PyTorchFileReader(f)
     except Exception as exc:
-        if _looks_legacy(path):
+        if _looks_legacy(f):
             raise FinetuneError(
                 f"{what} is in the legacy (pre-zip, torch < 1.6) format, which cannot be read without "
                 f"running code from it; if it comes from a source you trust, convert it once with a current "
@@ -379,13 +379,20 @@ def read_torch_file(path: str | os.PathLike, *, what: str | None = None, allow_s
     what = what or f"weights file {path}"
     if not path.is_file():
         raise FinetuneError(f"{what} not found; check the path")
-    file_size = path.stat().st_size
+    # One open file for the size check and the reading (a path could be swapped in between);
+    # a file object also reads names that are not valid UTF-8, which a str path cannot carry.
+    with open(path, "rb") as f:
+        return _read_open_file(f, what, allow_stand_ins)
+
+
+def _read_open_file(f: io.BufferedReader, what: str, allow_stand_ins: bool) -> Any:
+    file_size = os.fstat(f.fileno()).st_size
     limit = max_weights_bytes()
     if file_size > limit:
         raise FinetuneError(f"{what} was refused: it is {file_size} bytes, more than {MAX_WEIGHTS_BYTES_ENV}="
                             f"{limit}; raise that limit if the file is genuine")
     try:
-        reader = _open_archive(path, what)
+        reader = _open_archive(f, what)
         sizes = _check_records(reader, file_size, what)
         pickled = reader.get_record("data.pkl")
         try:
