@@ -2,8 +2,9 @@
 
 Every problem is one sentence that names the field, what is wrong and how to fix it; the
 operator joins them into the FineTune's Failed condition. The model config comes from
-``finetune.models.config`` (torch-free), the same code the trainer uses, so a FineTune the
-operator accepts is not rejected by the trainer for its freeze depth.
+``finetune.models.config``, hyperparameter ranges from ``finetune.hyperparameters`` and the
+trainer's own checks from ``finetune.config.TrainConfig`` (all torch-free), the same code the
+trainer uses, so a FineTune the operator accepts is not rejected by the trainer.
 """
 
 from __future__ import annotations
