@@ -74,13 +74,15 @@ class HypAction(argparse.Action):
         key = key.strip()
         if not sep or not key:
             raise FinetuneError(f"--hyp {values!r}: expected KEY=VALUE, e.g. --hyp lr0=0.002")
-        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), key: _checked_hyp(key, value.strip())})
+        value = _checked_hyperparameter(f"--hyp {key}={value.strip()}", key, value.strip())
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), key: value})
 
 
-def _checked_hyp(key: str, value: object) -> float:
+def _checked_hyperparameter(flag: str, key: str, value: object) -> float:
+    """``value`` as a float, or a FinetuneError starting with ``flag`` (what the user typed)."""
     why = hyperparameter_table.problem(key, value)
     if why is not None:
-        raise FinetuneError(f"--hyp {key}={value}: {why}")
+        raise FinetuneError(f"{flag}: {why}")
     return float(value)  # type: ignore[arg-type]
 
 
@@ -104,6 +106,8 @@ def option(default: Any = MISSING, *, default_factory: Any = MISSING, **flag: An
 
 @dataclass(kw_only=True)
 class TrainConfig:
+    """One training run. Each field is a `finetune train` flag, in the order `to_argv` writes them."""
+
     data: Path = option(type=Path, metavar="PATH", help="YOLO data.yaml (path, train, val, names/nc)")
     model: str = option("yolov5s", metavar="NAME_OR_YAML",
                         help="|".join(BUILTIN_MODELS) + " or a model YAML of the same form")
@@ -178,11 +182,8 @@ class TrainConfig:
         if not 0 <= self.seed <= SEED_MAX:
             raise FinetuneError(f"--seed {self.seed}: must be an integer from 0 to {SEED_MAX}")
         if self.lr0 is not None:
-            why = hyperparameter_table.problem("lr0", self.lr0)
-            if why is not None:
-                raise FinetuneError(f"--lr0 {self.lr0}: {why}")
-            self.lr0 = float(self.lr0)
-        self.hyp = {key: _checked_hyp(key, value) for key, value in self.hyp.items()}
+            self.lr0 = _checked_hyperparameter(f"--lr0 {self.lr0}", "lr0", self.lr0)
+        self.hyp = {key: _checked_hyperparameter(f"--hyp {key}={value}", key, value) for key, value in self.hyp.items()}
 
     @property
     def hyperparameters(self) -> dict[str, float]:
