@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from finetune.errors import FinetuneError
-from finetune.serialization import MAX_STAND_IN_CLASSES, read_torch_file
+from finetune.serialization import LEGACY_CONVERSION, MAX_STAND_IN_CLASSES, read_torch_file
 
 REPO = Path(__file__).resolve().parents[2]
 MEMORY_BOUND_MIB = 256
@@ -463,3 +463,29 @@ def test_a_weights_file_whose_name_is_not_utf8_is_read_by_its_bytes(tmp_path):
     with open(path, "wb") as f:
         torch.save({"w": torch.arange(3.0)}, f)
     assert torch.equal(read_torch_file(path)["w"], torch.arange(3.0))
+
+
+def test_compare_refuses_hostile_weights_in_one_line_before_any_run(tmp_path, tiny_data):
+    sentinel = tmp_path / "SENTINEL"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": RunsCode(os.system, shell(sentinel))}, evil)
+    proc = subprocess.run([sys.executable, "-m", "finetune.cli", "compare", "--data", str(tiny_data), "--model",
+                           "yolov5n", "--weights", str(evil), "--epochs", "1", "--imgsz", "64", "--out",
+                           str(tmp_path / "cmp")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith(f"error: weights file {evil} was refused: it references posix.system")
+    assert not sentinel.exists() and not (tmp_path / "cmp" / "freeze-0").exists()
+
+
+def test_the_documented_legacy_conversion_works(tmp_path):
+    """The refusal's one-liner (also in the trainer contract) turns a trusted legacy file into one we read."""
+    assert LEGACY_CONVERSION in (REPO / "docs" / "trainer-contract.md").read_text().replace("\n  ", " ")
+    old, new = tmp_path / "old.pt", tmp_path / "new.pt"
+    torch.save({"model": {"w": torch.arange(4.0)}}, old, _use_new_zipfile_serialization=False)
+    with pytest.raises(FinetuneError, match="legacy") as refusal:
+        read_torch_file(old)
+    assert LEGACY_CONVERSION in str(refusal.value)
+    command = LEGACY_CONVERSION.replace("python", sys.executable, 1).replace("OLD.pt NEW.pt", f"{old} {new}")
+    subprocess.run(command, shell=True, check=True, timeout=120)
+    assert torch.equal(read_torch_file(new)["model"]["w"], torch.arange(4.0))

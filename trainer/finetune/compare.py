@@ -42,6 +42,12 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     depths = [d.strip() for d in str(args.freeze).split(",") if d.strip()]
     if not depths:
         raise FinetuneError("--freeze: give at least one depth, e.g. --freeze 0,backbone,all-but-detect")
+    if args.weights is not None:
+        # Refuse bad weights once, with their own one line, before any run starts (each run would
+        # refuse them too, and compare would add a second line about the failed run).
+        from .models.weights import load_checkpoint
+
+        load_checkpoint(args.weights)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = []
     for depth in depths:
