@@ -47,15 +47,16 @@ class G:
 class Call:
     """``func(*args)`` by REDUCE, optionally followed by BUILD with ``state``."""
 
+    opcode = b"R"
+
     def __init__(self, func, *args, state=None):
         self.func, self.args, self.state = func, args, state
 
 
-class New:
+class New(Call):
     """``cls.__new__(cls, *args)`` by NEWOBJ, then BUILD with ``state`` when given."""
 
-    def __init__(self, cls, *args, state=None):
-        self.cls, self.args, self.state = cls, args, state
+    opcode = b"\x81"
 
 
 class PersId:
@@ -74,14 +75,7 @@ def dumps(value) -> bytes:
         elif isinstance(v, Call):
             emit(v.func)
             emit(tuple(v.args))
-            out.extend(b"R")
-            if v.state is not None:
-                emit(v.state)
-                out.extend(b"b")
-        elif isinstance(v, New):
-            emit(v.cls)
-            emit(tuple(v.args))
-            out.extend(b"\x81")
+            out.extend(v.opcode)
             if v.state is not None:
                 emit(v.state)
                 out.extend(b"b")
