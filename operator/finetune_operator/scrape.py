@@ -2,15 +2,32 @@
 
 Scraping is best effort: a trainer that is still starting, or a network policy in the way,
 only means the status shows older numbers.
+
+The endpoint belongs to whoever wrote the FineTune (they choose the trainer image), so it is
+read as hostile: at most ``MAX_SCRAPE_BYTES``, one overall deadline for the whole request (not
+per read: a server dripping a byte a second would otherwise hold a thread forever), no
+redirects (a 3xx is a failed scrape, never a request to another address), and values that
+are not finite or outside their range are dropped with a warning before they reach the status.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import urllib.request
+import logging
+import math
+import re
+import socket
+import time
+import urllib.parse
 from typing import Any, Mapping
 
 from prometheus_client.parser import text_string_to_metric_families
+
+logger = logging.getLogger(__name__)
+
+MAX_SCRAPE_BYTES = 1 << 20  # the trainer's exposition is a few KiB
+_MAX_HEADER_BYTES = 16 << 10
+_STATUS_LINE = re.compile(rb"^HTTP/1\.[01] (\d{3})[^\r\n]*\r?\n")
 
 # Sample name -> status.metrics field. Per-run gauges are read from rank 0's series.
 _RUN_GAUGES = {
@@ -25,6 +42,18 @@ _RUN_GAUGES = {
 # Per-rank peak memory: the largest rank is the one that runs out first.
 _PEAK_MEMORY = ("finetune_gpu_memory_peak_bytes", "finetune_cpu_memory_peak_bytes")
 _INTEGER_FIELDS = ("epoch", "epochs", "gpuMemoryPeakBytes")
+# The values a real trainer can report; anything else is dropped (status field -> [low, high]).
+VALUE_RANGES: dict[str, tuple[float, float]] = {
+    "epoch": (0, 1_000_000),
+    "epochs": (1, 1_000_000),
+    "map50": (0, 1),
+    "map50_95": (0, 1),
+    "precision": (0, 1),
+    "recall": (0, 1),
+    "imagesPerSecond": (0, 1e9),
+    "gpuMemoryPeakBytes": (0, 2**53),
+    "trainLoss": (0, 1e9),
+}
 
 
 @dataclasses.dataclass
@@ -74,14 +103,79 @@ def metrics_url(pod: Mapping[str, Any], port: int) -> str | None:
     return f"http://{host}:{port}/metrics"
 
 
-def fetch(url: str, timeout: float = 2.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http only by construction
-        return response.read().decode("utf-8", errors="replace")
+class ScrapeError(OSError):
+    """The endpoint answered with something other than a metrics page we can use."""
 
 
-def scrape(url: str, finetune: str | None = None, timeout: float = 2.0) -> TrainerMetrics | None:
-    """Metrics from ``url``, or None if the endpoint cannot be read or parsed."""
+def fetch(url: str, timeout: float = 2.0, max_bytes: int = MAX_SCRAPE_BYTES) -> str:
+    """GET ``url`` (plain http) within one overall ``timeout`` and ``max_bytes`` of body.
+
+    Written on a socket rather than with urllib/urllib3, whose timeouts apply to each read
+    (and whose urlopen follows redirects): here every receive gets only what is left of the
+    one deadline. The request is HTTP/1.0, so the answer is the body up to EOF (no chunking).
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ScrapeError(f"not an http URL: {url}")
+    deadline = time.monotonic() + timeout
+    host = parts.hostname
+    request = (f"GET {parts.path or '/'} HTTP/1.0\r\nHost: {parts.netloc}\r\n"
+               "Accept: text/plain\r\nConnection: close\r\n\r\n").encode("ascii")
+    limit = _MAX_HEADER_BYTES + max_bytes
+    received = bytearray()
+    with socket.create_connection((host, parts.port or 80), timeout=timeout) as sock:
+        sock.sendall(request)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ScrapeError(f"no complete answer within {timeout:g}s")
+            sock.settimeout(left)
+            chunk = sock.recv(min(65536, limit + 1 - len(received)))
+            if not chunk:
+                break
+            received += chunk
+            if len(received) > limit:
+                raise ScrapeError(f"the answer is larger than {max_bytes} bytes")
+    return _body(bytes(received), max_bytes)
+
+
+def _body(answer: bytes, max_bytes: int) -> str:
+    status = _STATUS_LINE.match(answer)
+    if not status:
+        raise ScrapeError("not an HTTP answer")
+    if status.group(1) != b"200":  # a 3xx is a failed scrape: never follow it elsewhere
+        raise ScrapeError(f"HTTP status {status.group(1).decode()}")
+    head, sep, body = answer.partition(b"\r\n\r\n")
+    if not sep:
+        head, sep, body = answer.partition(b"\n\n")
+    if not sep or len(head) > _MAX_HEADER_BYTES:
+        raise ScrapeError("malformed or oversized headers")
+    if len(body) > max_bytes:
+        raise ScrapeError(f"the answer is larger than {max_bytes} bytes")
+    return body.decode("utf-8", errors="replace")
+
+
+def scrape(url: str, finetune: str | None = None, timeout: float = 2.0,
+           max_bytes: int = MAX_SCRAPE_BYTES) -> TrainerMetrics | None:
+    """Metrics from ``url``, or None if the endpoint cannot be read or parsed in time."""
     try:
-        return parse_metrics(fetch(url, timeout), finetune)
-    except (OSError, ValueError):
+        metrics = parse_metrics(fetch(url, timeout, max_bytes), finetune)
+    except (OSError, ValueError) as e:
+        logger.debug("scrape of %s failed: %s", url, e)
         return None
+    return drop_implausible(metrics, url)
+
+
+def drop_implausible(metrics: TrainerMetrics, source: str) -> TrainerMetrics:
+    """Only finite values inside ``VALUE_RANGES`` (and an epoch not past the epoch count)."""
+    kept: dict[str, float] = {}
+    for key, value in metrics.values.items():
+        low, high = VALUE_RANGES.get(key, (-math.inf, math.inf))
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+            logger.warning("dropping %s=%r from %s: not a finite value in [%g, %g]", key, value, source, low, high)
+            continue
+        kept[key] = value
+    if "epoch" in kept and "epochs" in kept and kept["epoch"] > kept["epochs"]:
+        logger.warning("dropping epoch=%r from %s: more than epochs=%r", kept["epoch"], source, kept["epochs"])
+        del kept["epoch"]
+    return TrainerMetrics(kept)
