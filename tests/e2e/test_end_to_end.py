@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -29,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+
+from finetune_operator.manifests import OUTPUT_MOUNT
 
 # Loaded by tests/e2e/conftest.py (by path, under these names).
 oh = sys.modules["finetune_tests_operator_cluster"]
@@ -195,16 +199,37 @@ def test_invalid_dataset_fails_naming_the_missing_file(e2e):
     assert "/data/data.yaml" in status["message"], status["message"]
 
 
+class _RunsCode:
+    """A pickle that runs a command when a plain unpickler loads it."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __reduce__(self):
+        return os.system, self.args
+
+
 def test_permanent_exit_code_fails_and_delete_leaves_nothing(e2e):
-    # An unknown hyperparameter passes the operator's validation (an identifier with a number)
-    # but the trainer rejects it: exit 2, a user error, never restarted.
+    # An unknown hyperparameter is refused by the operator itself, before any pod starts.
     e2e.apply(e2e.sample("badhyp", training={"hyperparameters": {"not_a_hyperparameter": 1}}))
-    status = e2e.wait_phase("badhyp", ("Failed", "Succeeded"), timeout=120)
+    status = e2e.wait_phase("badhyp", ("Failed", "Succeeded"), timeout=60)
+    assert status["phase"] == "Failed" and "not_a_hyperparameter" in status["message"], status
+    assert not e2e.cluster.pods("badhyp")
+
+    # A weights file that would run code when unpickled: the trainer refuses it (exit 2, a user
+    # error, never restarted) and the payload never runs.
+    sentinel = e2e.out / "SENTINEL"
+    torch.save({"model": _RunsCode(f"touch {OUTPUT_MOUNT}/SENTINEL")}, e2e.weights / "evil.pt")
+    (e2e.weights / "evil.pt").chmod(0o644)
+    e2e.apply(e2e.sample("badweights", model={"architecture": "yolov5n", "weights": "evil.pt", "volume": {
+        "persistentVolumeClaim": {"claimName": "finetune-weights", "readOnly": True}}}))
+    status = e2e.wait_phase("badweights", ("Failed", "Succeeded"), timeout=120)
     assert status["phase"] == "Failed", status
-    assert "worker pod badhyp-worker-" in status["message"] and "exit code 2" in status["message"], status
+    assert "worker pod badweights-worker-" in status["message"] and "exit code 2" in status["message"], status
     assert status.get("restarts", 0) == 0
-    badhyp_message = status["message"]
-    oh.wait_for(lambda: not e2e.agent_leftovers("badhyp"), "badhyp's processes to end", timeout=30)
+    badweights_message = status["message"]
+    oh.wait_for(lambda: not e2e.agent_leftovers("badweights"), "badweights' processes to end", timeout=30)
+    assert not sentinel.exists(), "the weights file's payload ran"
 
     # kubectl delete ft mid-training: no pods, no service, no processes left.
     e2e.apply(e2e.sample("doomed", training={"epochs": 50}))
@@ -221,7 +246,7 @@ def test_permanent_exit_code_fails_and_delete_leaves_nothing(e2e):
     for r in runs:
         assert r.proc.poll() is not None and r.netns not in netns
     # Last: the FineTune's message carries the trainer's error line, not only the launcher's.
-    assert "not_a_hyperparameter" in badhyp_message, badhyp_message
+    assert "weights file /weights/evil.pt was refused" in badweights_message, badweights_message
 
 
 def test_cpu_sample_trains_on_two_pods_and_prometheus_sees_it(e2e):
