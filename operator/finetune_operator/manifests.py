@@ -1,4 +1,5 @@
-"""Pure functions that turn a FineTune spec into the Service and Pod manifests it needs.
+"""Pure functions that turn a FineTune spec into the Service, Pod (and optional NetworkPolicy)
+manifests it needs.
 
 Nothing here talks to a cluster, so every manifest can be unit-tested from a spec dict.
 The container command follows docs/trainer-contract.md: its flags are written by the trainer's
@@ -11,7 +12,7 @@ import copy
 import hashlib
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from finetune.config import TrainConfig
 
@@ -252,6 +253,32 @@ def container_resources(spec: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
+# The spec fields whose volume source the author chooses; volumes() copies each into the pods.
+USER_VOLUME_FIELDS = ("dataset", "model", "output")
+
+
+def user_volume_sources(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"spec.dataset.volume": source, ...}`` for every volume source set in the spec."""
+    sources = {}
+    for field in USER_VOLUME_FIELDS:
+        section = spec.get(field) or {}
+        if isinstance(section, Mapping) and section.get("volume") is not None:
+            sources[f"spec.{field}.volume"] = section["volume"]
+    return sources
+
+
+def relative_paths(spec: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """``{field: (path, mount point)}`` for every spec path that is joined to a mount point."""
+    model = spec.get("model") or {}
+    candidates = {
+        "spec.dataset.config": ((spec.get("dataset") or {}).get("config"), DATA_MOUNT),
+        "spec.model.weights": (model.get("weights"), WEIGHTS_MOUNT),
+        "spec.model.config.key": ((model.get("config") or {}).get("key"), CONFIG_MOUNT),
+        "spec.output.path": ((spec.get("output") or {}).get("path"), OUTPUT_MOUNT),
+    }
+    return {field: (str(path), mount) for field, (path, mount) in candidates.items() if path is not None}
+
+
 def volumes(spec: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(pod volumes, container volumeMounts)."""
     full = with_defaults(spec)
@@ -302,6 +329,47 @@ def build_service(name: str, namespace: str, owner: Mapping[str, Any]) -> dict[s
                 {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT, "protocol": "TCP"},
             ],
         },
+    }
+
+
+def network_policy_name(name: str) -> str:
+    return name
+
+
+def parse_network_policy_peers(text: str) -> list[dict[str, Any]]:
+    """NetworkPolicyPeers (JSON list) allowed to reach the metrics port, from the operator's setting."""
+    try:
+        peers = json.loads(text or "[]")
+    except ValueError as e:
+        raise ValueError(f"the network policy's metrics peers are not JSON: {e}") from e
+    allowed = {"podSelector", "namespaceSelector", "ipBlock"}
+    if not isinstance(peers, list) or not all(isinstance(p, dict) and p and set(p) <= allowed for p in peers):
+        raise ValueError("the network policy's metrics peers must be a JSON list of NetworkPolicyPeer "
+                         f"objects (keys {', '.join(sorted(allowed))}), got {text!r}")
+    return peers
+
+
+def build_network_policy(
+    name: str, namespace: str, owner: Mapping[str, Any], metrics_from: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Ingress to one run's pods: from each other on every port, and to the metrics port from
+    ``metrics_from`` (the operator, Prometheus). Egress stays open (DNS, storage)."""
+    workers = {"matchLabels": selector_labels(name)}
+    # gloo and NCCL connect peers on ephemeral ports, not only the rendezvous port.
+    ingress: list[dict[str, Any]] = [{"from": [{"podSelector": workers}]}]
+    if metrics_from:
+        ingress.append({"from": copy.deepcopy(list(metrics_from)),
+                        "ports": [{"protocol": "TCP", "port": METRICS_PORT}]})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": network_policy_name(name),
+            "namespace": namespace,
+            "labels": common_labels(name),
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": {"podSelector": workers, "policyTypes": ["Ingress"], "ingress": ingress},
     }
 
 

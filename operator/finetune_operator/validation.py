@@ -10,7 +10,7 @@ trainer uses, so a FineTune the operator accepts is not rejected by the trainer.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import yaml
 
@@ -24,6 +24,18 @@ from . import manifests
 _DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _NUMBER = re.compile(r"^-?[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$")
 _MAX_LABEL = 63
+
+# Every volume source type of core/v1 VolumeSource (image: Kubernetes >= 1.31).
+VOLUME_TYPES = frozenset({
+    "awsElasticBlockStore", "azureDisk", "azureFile", "cephfs", "cinder", "configMap", "csi",
+    "downwardAPI", "emptyDir", "ephemeral", "fc", "flexVolume", "flocker", "gcePersistentDisk",
+    "gitRepo", "glusterfs", "hostPath", "image", "iscsi", "nfs", "persistentVolumeClaim",
+    "photonPersistentDisk", "portworxVolume", "projected", "quobyte", "rbd", "scaleIO", "secret",
+    "storageos", "vsphereVolume",
+})
+# The pods run with the operator's identity, so a FineTune may not mount what its author could
+# not read (hostPath, secret, projected service-account tokens). The chart's allowedVolumeTypes.
+DEFAULT_ALLOWED_VOLUME_TYPES = ("persistentVolumeClaim", "configMap", "emptyDir", "csi", "ephemeral")
 
 
 def _is_number(value: Any) -> bool:
@@ -39,6 +51,56 @@ def _divisible_suggestions(batch: int, world: int) -> str:
     upper = lower + world
     options = [str(v) for v in (lower, upper) if v > 0]
     return " or ".join(options)
+
+
+def parse_allowed_volume_types(text: str) -> tuple[str, ...]:
+    """The operator's allowlist from a comma-separated setting; empty means the default."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in VOLUME_TYPES]
+    if unknown:
+        raise ValueError(f"unknown volume type(s) {', '.join(unknown)} in the allowed volume types; "
+                         f"known: {', '.join(sorted(VOLUME_TYPES))}")
+    return names or DEFAULT_ALLOWED_VOLUME_TYPES
+
+
+def volume_problems(spec: Mapping[str, Any], allowed: Collection[str]) -> list[str]:
+    """Each volume source the author chose must set exactly one allowed type."""
+    allowed_text = ", ".join(allowed)
+    problems = []
+    for field, source in manifests.user_volume_sources(spec).items():
+        if not isinstance(source, Mapping):
+            problems.append(f"{field} must be a volume source object such as "
+                            "{persistentVolumeClaim: {claimName: data}}; fix it")
+            continue
+        types = sorted(source)
+        if len(types) != 1:
+            problems.append(f"{field} sets {len(types)} volume types ({', '.join(types) or 'none'}); "
+                            f"set exactly one of {allowed_text}")
+            continue
+        (kind,) = types
+        if kind not in VOLUME_TYPES:
+            problems.append(f"{field}: {kind!r} is not a Kubernetes volume type; use one of {allowed_text}")
+        elif kind not in allowed:
+            problems.append(f"{field}: volume type {kind!r} is not allowed on this cluster (allowed: "
+                            f"{allowed_text}); use one of those, or ask the platform team to allow it (the "
+                            "chart's allowedVolumeTypes)")
+        elif not isinstance(source[kind], Mapping):
+            problems.append(f"{field}.{kind} must be an object (e.g. {{}}), not {source[kind]!r}; fix it")
+    return problems
+
+
+def path_problems(spec: Mapping[str, Any]) -> list[str]:
+    """Paths joined to a mount point stay inside their volume: relative, no '..' segment."""
+    problems = []
+    for field, (path, mount) in manifests.relative_paths(spec).items():
+        text = str(path)
+        if text.startswith("/"):
+            problems.append(f"{field} {text!r} must be relative to the volume mounted at {mount}; "
+                            "remove the leading '/'")
+        elif ".." in text.split("/"):
+            problems.append(f"{field} {text!r} must not contain a '..' segment: it would point outside "
+                            f"the volume mounted at {mount}; use a path inside the volume")
+    return problems
 
 
 def validate_name(name: str, spec: Mapping[str, Any]) -> list[str]:
@@ -64,15 +126,19 @@ def validate_spec(
     spec: Mapping[str, Any],
     model_cfg: Mapping[str, Any] | None = None,
     model_cfg_error: str | None = None,
+    allowed_volume_types: Collection[str] = DEFAULT_ALLOWED_VOLUME_TYPES,
 ) -> list[str]:
     """Problems with ``spec``; empty when it can run.
 
     ``model_cfg`` is the custom model config loaded from the ConfigMap named in
     ``spec.model.config`` (the caller reads the ConfigMap); ``model_cfg_error`` says why it
-    could not be read. Built-in architectures are loaded here.
+    could not be read. Built-in architectures are loaded here. ``allowed_volume_types`` is the
+    operator's allowlist for the volume sources a FineTune brings.
     """
     full = manifests.with_defaults(spec)
     problems = validate_name(name, full)
+    problems += volume_problems(full, allowed_volume_types)
+    problems += path_problems(full)
     model = full.get("model") or {}
     training = full["training"]
 
