@@ -98,8 +98,11 @@ class Kube:
 
     def create(self, namespace: str, plural: str, body: Mapping[str, Any]) -> bool:
         """Create; False if it already exists (409: another reconcile or a restarted operator)."""
+        path = self.core_path(namespace, plural)
+        if body.get("apiVersion", "v1") != "v1":  # a named API group, e.g. networking.k8s.io/v1
+            path = f"/apis/{body['apiVersion']}/namespaces/{quote(namespace)}/{plural}"
         try:
-            self.request("POST", self.core_path(namespace, plural), body=body)
+            self.request("POST", path, body=body)
             return True
         except KubeError as e:
             if e.status == 409:

@@ -20,8 +20,10 @@ import prometheus_client
 
 from . import handlers  # noqa: F401  (registers the handlers)
 from . import kube as kube_
+from . import manifests
 from . import metrics as metrics_
 from . import runtime
+from . import validation
 
 PEERING_NAME = "finetune-operator"
 FINALIZER = "finetune.dev/finalizer"
@@ -36,6 +38,11 @@ class Options:
     posting_level: str = os.environ.get("FINETUNE_OPERATOR_EVENT_LEVEL", "INFO")
     max_workers: int = int(os.environ.get("FINETUNE_OPERATOR_MAX_WORKERS", "8"))
     scrape_timeout: float = float(os.environ.get("FINETUNE_OPERATOR_SCRAPE_TIMEOUT", "2"))
+    # Comma-separated volume source types a FineTune may use; empty: validation's default.
+    allowed_volume_types: str = os.environ.get("FINETUNE_OPERATOR_ALLOWED_VOLUME_TYPES", "")
+    # "true": one NetworkPolicy per FineTune; the JSON list of peers that may reach port 9400.
+    network_policy: bool = os.environ.get("FINETUNE_OPERATOR_NETWORK_POLICY", "").lower() == "true"
+    network_policy_metrics_from: str = os.environ.get("FINETUNE_OPERATOR_NETWORK_POLICY_METRICS_FROM", "[]")
 
 
 options = Options()
@@ -66,11 +73,19 @@ def configure_operator(settings: kopf.OperatorSettings, logger: logging.Logger, 
     if options.metrics_port:
         prometheus_client.start_http_server(options.metrics_port, addr=options.metrics_address)
         logger.info("serving operator metrics on %s:%d", options.metrics_address, options.metrics_port)
+    try:
+        allowed_volume_types = validation.parse_allowed_volume_types(options.allowed_volume_types)
+        metrics_from = (manifests.parse_network_policy_peers(options.network_policy_metrics_from)
+                        if options.network_policy else None)
+    except ValueError as e:
+        raise kopf.PermanentError(f"invalid operator setting: {e}") from e
     runtime.configure(runtime.Runtime(
         kube=kube_.Kube(),
         metrics=metrics_.default(),
         default_image=os.environ.get("FINETUNE_TRAINER_IMAGE") or None,
         scrape_timeout=options.scrape_timeout,
+        allowed_volume_types=allowed_volume_types,
+        network_policy_metrics_from=metrics_from,
     ))
 
 

@@ -49,6 +49,8 @@ class Plan:
     status: dict[str, Any]
     annotations: dict[str, str] = dataclasses.field(default_factory=dict)
     create_service: dict[str, Any] | None = None
+    # Only when the operator's network policy setting is on (isolation of the run's pods).
+    create_network_policy: dict[str, Any] | None = None
     create_pods: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     delete_pods: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, uid)
     # Running pods of a failed run: stopped via activeDeadlineSeconds so the kubelet kills the
@@ -110,8 +112,11 @@ def plan(
     now: dt.datetime,
     validate: Callable[[], list[str]],
     default_image: str | None = None,
+    network_policy_metrics_from: list[dict[str, Any]] | None = None,
 ) -> Plan:
-    """Decide what to do for one FineTune, given everything read from the cluster."""
+    """Decide what to do for one FineTune, given everything read from the cluster.
+
+    ``network_policy_metrics_from`` None: no NetworkPolicy; else the peers allowed to scrape."""
     meta = finetune["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
     generation = meta.get("generation")
@@ -168,6 +173,9 @@ def plan(
 
     if not service_exists:
         p.create_service = m.build_service(name, namespace, finetune)
+        if network_policy_metrics_from is not None:
+            p.create_network_policy = m.build_network_policy(name, namespace, finetune,
+                                                             network_policy_metrics_from)
 
     attempt = int(p.status.get("restarts") or 0)
     live = [pod for pod in owned if not pod["metadata"].get("deletionTimestamp")]
@@ -351,14 +359,18 @@ def forget(namespace: str, name: str) -> None:
         _locks.pop((namespace, name), None)
 
 
-def validate_in_cluster(kube: kube_.Kube, finetune: Mapping[str, Any]) -> list[str]:
+def validate_in_cluster(
+    kube: kube_.Kube,
+    finetune: Mapping[str, Any],
+    allowed_volume_types: tuple[str, ...] = validation.DEFAULT_ALLOWED_VOLUME_TYPES,
+) -> list[str]:
     meta, spec = finetune["metadata"], finetune.get("spec") or {}
     model_cfg, model_error = None, None
     ref = (spec.get("model") or {}).get("config")
     if ref:
         configmap = kube.get_or_none(kube.core_path(meta["namespace"], "configmaps", ref["configMapName"]))
         model_cfg, model_error = validation.parse_model_configmap(configmap, spec, meta["namespace"])
-    return validation.validate_spec(meta["name"], spec, model_cfg, model_error)
+    return validation.validate_spec(meta["name"], spec, model_cfg, model_error, allowed_volume_types)
 
 
 def reconcile(
@@ -371,6 +383,8 @@ def reconcile(
     default_image: str | None = None,
     scrape_timeout: float = 2.0,
     now: dt.datetime | None = None,
+    allowed_volume_types: tuple[str, ...] = validation.DEFAULT_ALLOWED_VOLUME_TYPES,
+    network_policy_metrics_from: list[dict[str, Any]] | None = None,
 ) -> Plan | None:
     """Bring one FineTune's pods and status in line with its spec; None if it is gone."""
     with _lock_for(namespace, name):
@@ -381,7 +395,8 @@ def reconcile(
         service = kube.get_or_none(kube.core_path(namespace, "services", m.service_name(name)))
         current_time = now or dt.datetime.now(dt.timezone.utc)
         result = plan(finetune, pods, service is not None, current_time,
-                      lambda: validate_in_cluster(kube, finetune), default_image)
+                      lambda: validate_in_cluster(kube, finetune, allowed_volume_types), default_image,
+                      network_policy_metrics_from)
         _execute(kube, finetune, result, post_event, operator_metrics, scrape_timeout)
         return result
 
@@ -407,6 +422,9 @@ def _execute(
         kube.delete(namespace, "pods", pod_name, uid or None)
     for pod_name in p.stop_pods:
         kube.patch_pod(namespace, pod_name, {"spec": {"activeDeadlineSeconds": 1}})
+    # Before the Service: a Service implies its NetworkPolicy, even across an operator crash.
+    if p.create_network_policy:
+        kube.create(namespace, "networkpolicies", p.create_network_policy)
     if p.create_service:
         kube.create(namespace, "services", p.create_service)
     for pod in p.create_pods:

@@ -18,6 +18,7 @@ import urllib3.exceptions
 from . import kube as kube_
 from . import metrics as metrics_
 from . import reconcile
+from . import validation
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,9 @@ class Runtime:
     metrics: metrics_.OperatorMetrics
     default_image: str | None = None
     scrape_timeout: float = 2.0
+    allowed_volume_types: tuple[str, ...] = validation.DEFAULT_ALLOWED_VOLUME_TYPES
+    # None: no NetworkPolicy per FineTune; else the peers that may reach the metrics port.
+    network_policy_metrics_from: list[dict[str, Any]] | None = None
 
 
 _runtime: Runtime | None = None
@@ -67,6 +71,8 @@ def _reconcile(handler: str, namespace: str, name: str) -> reconcile.Plan | None
                 runtime.kube, namespace, name,
                 post_event=post_event, operator_metrics=runtime.metrics,
                 default_image=runtime.default_image, scrape_timeout=runtime.scrape_timeout,
+                allowed_volume_types=runtime.allowed_volume_types,
+                network_policy_metrics_from=runtime.network_policy_metrics_from,
             )
         except kube_.KubeError as e:
             raise kopf.TemporaryError(f"API error while reconciling {namespace}/{name}: {e}",
