@@ -102,6 +102,20 @@ The trainer image the operator puts into trainer pods (FINETUNE_TRAINER_IMAGE).
 {{- end -}}
 
 {{/*
+The NetworkPolicyPeers that may reach a trainer's metrics port (JSON, for
+FINETUNE_OPERATOR_NETWORK_POLICY_METRICS_FROM): the operator pod in its namespace, and Prometheus.
+*/}}
+{{- define "finetune-operator.networkPolicyMetricsFrom" -}}
+{{- $operatorNamespaces := .Values.networkPolicy.operatorNamespaceSelector | default (dict "matchLabels" (dict "kubernetes.io/metadata.name" .Release.Namespace)) -}}
+{{- $operatorPods := dict "matchLabels" (include "finetune-operator.selectorLabels" . | fromYaml) -}}
+{{- $peers := list (dict "namespaceSelector" $operatorNamespaces "podSelector" $operatorPods) -}}
+{{- with .Values.networkPolicy.prometheusNamespaceSelector -}}
+{{- $peers = append $peers (dict "namespaceSelector" .) -}}
+{{- end -}}
+{{- toJson $peers -}}
+{{- end -}}
+
+{{/*
 RBAC rules for what the operator does inside a watched namespace. Shared by the ClusterRole
 (cluster mode) and the per-namespace Roles (namespaced mode). Verbs are exactly the calls the
 operator makes; nothing is "*".
@@ -128,6 +142,12 @@ operator makes; nothing is "*".
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "list", "watch", "create", "delete"]
+{{- if .Values.networkPolicy.enabled }}
+# networkPolicy.enabled: one NetworkPolicy per FineTune, created before its Service (never read).
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["create"]
+{{- end }}
 # Custom model configs referenced by a FineTune (read only).
 - apiGroups: [""]
   resources: ["configmaps"]
