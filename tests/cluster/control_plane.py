@@ -126,7 +126,8 @@ class ControlPlane:
     """
 
     def __init__(self, bin_dir: str | Path | None = None, workdir: str | Path | None = None,
-                 keep: bool | None = None, build: bool = True, start_timeout: float = 60.0):
+                 keep: bool | None = None, build: bool = True, start_timeout: float = 60.0,
+                 audit_groups: tuple[str, ...] = ()):
         self.bin_dir = Path(bin_dir) if bin_dir else None
         self._workdir_arg = workdir
         self.keep = bool(int(os.environ.get("FINETUNE_K8S_KEEP", "0"))) if keep is None else keep
@@ -144,6 +145,9 @@ class ControlPlane:
         self._logs: dict[str, object] = {}
         self._n_kubeconfigs = 0
         self._stopped = True
+        # Requests by users in these groups go to the apiserver's audit log (Metadata level).
+        self.audit_groups = tuple(audit_groups)
+        self.audit_log: Path | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> "ControlPlane":
@@ -355,6 +359,7 @@ class ControlPlane:
             "--allow-privileged",
             "--profiling=false",
             "--v", "1",
+            *self._audit_args(),
         ])
         self._wait_http("kube-apiserver", f"{self.server}/readyz", token=self.admin_token,
                         ctx=verify, deadline=deadline)
@@ -391,6 +396,33 @@ class ControlPlane:
                             check=False).returncode == 0:
                 break
             time.sleep(0.1)
+
+    def _audit_args(self) -> list[str]:
+        if not self.audit_groups:
+            return []
+        policy = {"apiVersion": "audit.k8s.io/v1", "kind": "Policy",
+                  # One event per request, written when the response is complete.
+                  "omitStages": ["RequestReceived", "ResponseStarted"],
+                  "rules": [{"level": "Metadata", "userGroups": list(self.audit_groups)}, {"level": "None"}]}
+        (self.dir / "audit-policy.json").write_text(json.dumps(policy))
+        self.audit_log = self.dir / "audit.log"
+        return ["--audit-policy-file", str(self.dir / "audit-policy.json"),
+                "--audit-log-path", str(self.audit_log), "--audit-log-maxsize", "0"]
+
+    def audit_events(self, user: str | None = None) -> list[dict]:
+        """The audit log's events so far (ControlPlane(audit_groups=...)), optionally one user's."""
+        if self.audit_log is None:
+            raise ControlPlaneError("the audit log is off: pass audit_groups to ControlPlane")
+        if not self.audit_log.exists():
+            return []
+        events = []
+        with open(self.audit_log) as f:
+            for line in f:
+                if line.endswith("\n"):  # a line being written has no newline yet
+                    event = json.loads(line)
+                    if user is None or event["user"]["username"] == user:
+                        events.append(event)
+        return events
 
     # ------------------------------------------------------------------ helpers
     def env(self) -> dict[str, str]:

@@ -1,0 +1,403 @@
+"""How the FineTune operator scales, against a minimal kopf operator, on a real control plane.
+
+    .venv/bin/python bench/operator_scale.py [--finetunes 200] [--idle 1000] [--idle-seconds 60]
+                                             [--label "what the code is"]
+
+One run, on one fresh control plane (tests/cluster, v1.20, no kubelet, no Node: every pod
+stays Pending), with the apiserver's audit log on for the operator's ServiceAccount:
+
+1. the minimal operator (bench/minimal_operator.py: one create handler that creates the same
+   headless Service and worker pods), then
+2. the FineTune operator, started with the chart's args and env (rendered from
+   charts/finetune-operator), both running as the chart's ServiceAccount with its RBAC;
+
+each gets a burst of ``--finetunes`` FineTunes (2 workers each), created by 8 threads. The
+latency of a FineTune is from the benchmark's own watch seeing it ADDED to its watch seeing
+the last of its pods ADDED. Then the FineTune operator gets ``--idle`` FineTunes in all
+(Pending, no node) and is left alone for ``--idle-seconds``: the requests it makes then
+(audit log; watches excluded), and its peak RSS.
+
+Writes bench/results/operator-scale.{json,md} and appends a row to bench/results/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime as dt
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+CHART = REPO / "charts" / "finetune-operator"
+OPERATOR_GROUP = "system:serviceaccounts:finetune-system"
+WORKERS = 2
+P99_TARGET_RATIO = 1.5
+IDLE_REQUESTS_PER_SECOND_TARGET = 1.0
+IDLE_RSS_TARGET_MIB = 150
+
+
+def _load(name: str, path: Path):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+cpm = _load("finetune_tests_control_plane", REPO / "tests" / "cluster" / "control_plane.py")
+oh = _load("finetune_tests_operator_cluster", REPO / "tests" / "operator" / "test_operator_cluster.py")
+
+
+def say(message: str) -> None:
+    print(f"[operator-scale] {message}", flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def chart_operator_command() -> tuple[list[str], dict[str, str]]:
+    """The operator container's args and literal env from the chart's rendered Deployment."""
+    import helm_python as helm
+    with helm.Chart.load(CHART) as chart:
+        rendered = chart.render({}, name=oh.RELEASE, namespace=oh.OPERATOR_NAMESPACE, is_install=True)
+    deployment = next(doc for path, text in rendered.items() if not path.endswith("NOTES.txt")
+                      for doc in yaml.safe_load_all(text)
+                      if doc and doc.get("kind") == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container.get("env") or [] if "value" in e}
+    # The fieldRef values the kubelet would fill in.
+    env.update(POD_ID="finetune-operator-bench", POD_NAMESPACE=oh.OPERATOR_NAMESPACE)
+    return list(container.get("args") or []), env
+
+
+def finetune_body(name: str) -> dict[str, Any]:
+    body = oh.cpu_finetune(name, workers=WORKERS)
+    body["apiVersion"], body["kind"] = "finetune.dev/v1alpha1", "FineTune"
+    return body
+
+
+class Process:
+    """An operator subprocess with its RSS sampled every 0.5 s."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path, liveness_port: int):
+        self.log = log
+        self.liveness = f"http://127.0.0.1:{liveness_port}/healthz"
+        self.proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        self.rss_samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                text = Path(f"/proc/{self.proc.pid}/status").read_text()
+            except OSError:
+                return
+            kib = next(int(line.split()[1]) for line in text.splitlines() if line.startswith("VmRSS:"))
+            self.rss_samples.append((time.time(), kib * 1024))
+
+    def peak_rss_mib(self, since: float = 0.0) -> float:
+        return max((rss for t, rss in self.rss_samples if t >= since), default=0) / 2**20
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the operator exited: {self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.liveness, timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"the operator did not become live: {self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Watch:
+    """The benchmark's own view: when each FineTune and each pod was first seen (ADDED)."""
+
+    def __init__(self, api: kubernetes.client.ApiClient, namespace: str):
+        self.namespace = namespace
+        self.finetune_seen: dict[str, float] = {}
+        self.pods_seen: dict[str, dict[str, float]] = {}
+        self.lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, daemon=True, args=(
+                kubernetes.client.CustomObjectsApi(api).list_namespaced_custom_object,
+                ("finetune.dev", "v1alpha1", namespace, "finetunes"), self._on_finetune)),
+            threading.Thread(target=self._run, daemon=True, args=(
+                kubernetes.client.CoreV1Api(api).list_namespaced_pod, (namespace,), self._on_pod)),
+        ]
+        for thread in self._threads:
+            thread.start()
+        time.sleep(1)  # both watches open before anything is created (an empty namespace)
+
+    def _run(self, method, args, on_event) -> None:
+        watch = kubernetes.watch.Watch()
+        while not self._stop.is_set():
+            for event in watch.stream(method, *args, timeout_seconds=30, _request_timeout=60):
+                on_event(event["type"], event["object"], time.time())
+                if self._stop.is_set():
+                    break
+
+    def _on_finetune(self, type_: str, obj: Any, now: float) -> None:
+        with self.lock:
+            if type_ == "ADDED":
+                self.finetune_seen.setdefault(obj["metadata"]["name"], now)
+
+    def _on_pod(self, type_: str, obj: Any, now: float) -> None:
+        if type_ != "ADDED":
+            return
+        owner = (obj.metadata.labels or {}).get("finetune.dev/name")
+        if owner:
+            with self.lock:
+                self.pods_seen.setdefault(owner, {}).setdefault(obj.metadata.name, now)
+
+    def complete(self, names: list[str]) -> int:
+        with self.lock:
+            return sum(len(self.pods_seen.get(n, {})) >= WORKERS for n in names)
+
+    def latencies(self, names: list[str]) -> list[float]:
+        with self.lock:
+            return [max(self.pods_seen[n].values()) - self.finetune_seen[n] for n in names
+                    if n in self.finetune_seen and len(self.pods_seen.get(n, {})) >= WORKERS]
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def create_finetunes(api: kubernetes.client.ApiClient, namespace: str, names: list[str]) -> None:
+    custom = kubernetes.client.CustomObjectsApi(api)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: custom.create_namespaced_custom_object(
+            "finetune.dev", "v1alpha1", namespace, "finetunes", finetune_body(n)), names))
+
+
+def wait_until(condition, timeout: float, interval: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def audit_requests(cp, start: float, end: float) -> dict[str, int]:
+    """Requests by the operator's ServiceAccount received in [start, end), by verb (watches apart)."""
+    counts: dict[str, int] = {}
+    for event in cp.audit_events():
+        if not event["user"]["username"].startswith("system:serviceaccount:finetune-system:"):
+            continue
+        received = dt.datetime.fromisoformat(event["requestReceivedTimestamp"].replace("Z", "+00:00")).timestamp()
+        if start <= received < end:
+            ref = event.get("objectRef") or {}
+            key = f"{event['verb']} {ref.get('resource', event.get('requestURI', ''))}"
+            if ref.get("subresource"):
+                key += "/" + ref["subresource"]
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def non_watch(counts: dict[str, int]) -> int:
+    return sum(n for key, n in counts.items() if not key.startswith("watch "))
+
+
+def burst(cp, api, process: Process, namespace: str, count: int, timeout: float) -> dict[str, Any]:
+    cp.kubectl("create", "namespace", namespace)
+    watch = Watch(api, namespace)
+    names = [f"ft-{i:04d}" for i in range(count)]
+    started = time.time()
+    create_finetunes(api, namespace, names)
+    created = time.time()
+    done = wait_until(lambda: watch.complete(names) == count, timeout)
+    finished = time.time()
+    time.sleep(10)  # what the operator still does right after (status, events)
+    latencies = watch.latencies(names)
+    watch.stop()
+    requests = audit_requests(cp, started, time.time())
+    result = {
+        "finetunes": count, "complete": len(latencies), "all_complete": done,
+        "create_seconds": round(created - started, 2),
+        "last_pods_after_seconds": round(finished - started, 2),
+        "latency_p50_s": round(statistics.median(latencies), 3) if latencies else None,
+        "latency_p99_s": round(percentile(latencies, 99), 3) if latencies else None,
+        "latency_max_s": round(max(latencies), 3) if latencies else None,
+        "api_requests": non_watch(requests),
+        "api_requests_by_verb": requests,
+        "peak_rss_mib": round(process.peak_rss_mib(started), 1),
+    }
+    say(f"  {namespace}: p50 {result['latency_p50_s']}s p99 {result['latency_p99_s']}s, "
+        f"{result['api_requests']} requests, peak RSS {result['peak_rss_mib']} MiB")
+    return result
+
+
+def delete_namespace(cp, namespace: str) -> None:
+    cp.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=300s", timeout=320)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--finetunes", type=int, default=200, help="FineTunes in the burst (default 200)")
+    ap.add_argument("--idle", type=int, default=1000, help="idle FineTunes in all for the idle phase (default 1000)")
+    ap.add_argument("--idle-seconds", type=float, default=60, help="how long the idle phase is measured")
+    ap.add_argument("--timeout", type=float, default=300, help="longest wait for a burst's pods")
+    ap.add_argument("--label", default="", help="what code this run measures (goes into README's table)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "operator-scale")
+    ap.add_argument("--no-readme", action="store_true", help="do not append to bench/results/README.md")
+    args = ap.parse_args(argv)
+
+    cp = cpm.ControlPlane(audit_groups=(OPERATOR_GROUP,))
+    cp.start()
+    say(f"control plane up in {cp.startup_seconds:.1f}s")
+    processes: list[Process] = []
+    try:
+        kubeconfig = oh.install_crd_and_chart_rbac(cp)
+        cp.kubectl("apply", "-f", str(CHART / "crds" / "kopf.dev_peerings.yaml"))  # as Helm installs crds/
+        api = kubernetes.config.new_client_from_config(str(cp.kubeconfig))
+        api.configuration.connection_pool_maxsize = 16
+        chart_args, chart_env = chart_operator_command()
+        results: dict[str, Any] = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                                   "label": args.label, "chart_args": chart_args, "chart_env": chart_env,
+                                   "finetunes": args.finetunes, "workers": WORKERS, "idle_finetunes": args.idle}
+        work = Path(cp.dir)
+
+        def start(name: str, argv: list[str], env: dict[str, str]) -> Process:
+            metrics, liveness = oh.free_port(), oh.free_port()
+            full_env = {**os.environ, **env, "KUBECONFIG": str(kubeconfig),
+                        "FINETUNE_OPERATOR_METRICS_PORT": str(metrics)}
+            process = Process([*argv, f"--liveness=http://127.0.0.1:{liveness}/healthz"], full_env,
+                              work / f"{name}.log", liveness)
+            processes.append(process)
+            process.wait_ready()
+            return process
+
+        say(f"minimal operator: burst of {args.finetunes}")
+        minimal = start("minimal", [sys.executable, "-m", "kopf", "run", "--all-namespaces", "--standalone",
+                                    str(REPO / "bench" / "minimal_operator.py")], {})
+        results["minimal"] = burst(cp, api, minimal, "scale-minimal", args.finetunes, args.timeout)
+        minimal.stop()
+        delete_namespace(cp, "scale-minimal")
+
+        say(f"FineTune operator ({' '.join(chart_args)}): burst of {args.finetunes}")
+        operator = start("operator", [sys.executable, "-m", "finetune_operator.main", *chart_args], chart_env)
+        results["operator"] = burst(cp, api, operator, "scale-operator", args.finetunes, args.timeout)
+
+        more = max(0, args.idle - args.finetunes)
+        say(f"idle: {more} more FineTunes, {args.idle} in all")
+        if more:
+            cp.kubectl("create", "namespace", "scale-idle")
+            watch = Watch(api, "scale-idle")
+            names = [f"idle-{i:04d}" for i in range(more)]
+            create_finetunes(api, "scale-idle", names)
+            complete = wait_until(lambda: watch.complete(names) == more, args.timeout)
+            watch.stop()
+            if not complete:
+                say(f"  only {watch.complete(names)} of {more} got their pods within {args.timeout}s")
+        # Let the creation's aftermath (status patches, events) pass, then measure quiet.
+        time.sleep(20)
+        quiet_start = time.time()
+        time.sleep(args.idle_seconds)
+        quiet_end = time.time()
+        time.sleep(2)  # audit events are written when the response completes
+        requests = audit_requests(cp, quiet_start, quiet_end)
+        phases: dict[str, int] = {}
+        for ns in ("scale-operator", "scale-idle"):
+            items = cp.get_json("finetunes", namespace=ns)["items"] if (ns != "scale-idle" or more) else []
+            for item in items:
+                phase = (item.get("status") or {}).get("phase", "none")
+                phases[phase] = phases.get(phase, 0) + 1
+        results["idle"] = {
+            "finetunes": args.idle, "seconds": round(quiet_end - quiet_start, 1), "phases": phases,
+            "api_requests": non_watch(requests), "api_requests_by_verb": requests,
+            "requests_per_second": round(non_watch(requests) / (quiet_end - quiet_start), 2),
+            "peak_rss_mib": round(operator.peak_rss_mib(quiet_start), 1),
+            "peak_rss_whole_run_mib": round(operator.peak_rss_mib(), 1),
+        }
+        say(f"  idle: {results['idle']['requests_per_second']} requests/s, peak RSS "
+            f"{results['idle']['peak_rss_mib']} MiB, phases {phases}")
+        operator.stop()
+        p99_min, p99_op = results["minimal"]["latency_p99_s"], results["operator"]["latency_p99_s"]
+        results["p99_ratio"] = round(p99_op / p99_min, 2) if p99_min and p99_op else None
+        results["targets"] = {
+            "p99_ratio_le_1.5": bool(results["p99_ratio"] and results["p99_ratio"] <= P99_TARGET_RATIO),
+            "idle_requests_per_second_le_1": results["idle"]["requests_per_second"] <= IDLE_REQUESTS_PER_SECOND_TARGET,
+            "idle_rss_le_150_mib": results["idle"]["peak_rss_mib"] <= IDLE_RSS_TARGET_MIB,
+        }
+    finally:
+        for process in processes:
+            if process.proc.poll() is None:
+                process.stop()
+        cp.stop()
+    write_results(args, results)
+    return 0
+
+
+def write_results(args: argparse.Namespace, r: dict[str, Any]) -> None:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(r, indent=2) + "\n")
+    mn, op, idle = r["minimal"], r["operator"], r["idle"]
+    lines = [
+        f"# Operator scale ({r['date']})", "",
+        f"{r['label']}".strip() or "(no label)", "",
+        f"Burst of {r['finetunes']} FineTunes x {r['workers']} workers; latency = FineTune ADDED -> last pod ADDED "
+        "(the benchmark's own watch).", "",
+        "| operator | complete | p50 s | p99 s | max s | API requests | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|",
+        *(f"| {k} | {v['complete']}/{v['finetunes']} | {v['latency_p50_s']} | {v['latency_p99_s']} | "
+          f"{v['latency_max_s']} | {v['api_requests']} | {v['peak_rss_mib']} |" for k, v in (("minimal", mn), ("finetune", op))),
+        "", f"p99 ratio (finetune / minimal): **{r['p99_ratio']}** (target <= {P99_TARGET_RATIO})", "",
+        f"Idle: {idle['finetunes']} FineTunes {idle['phases']}, {idle['seconds']} s: **{idle['requests_per_second']} "
+        f"requests/s** beyond watches (target <= {IDLE_REQUESTS_PER_SECOND_TARGET}), peak RSS **{idle['peak_rss_mib']} MiB** "
+        f"(target <= {IDLE_RSS_TARGET_MIB}; whole run {idle['peak_rss_whole_run_mib']} MiB).", "",
+        "Requests by verb (burst, finetune operator):", "",
+        *(f"- `{k}`: {n}" for k, n in op["api_requests_by_verb"].items()), "",
+        "Requests by verb (idle window):", "",
+        *(f"- `{k}`: {n}" for k, n in idle["api_requests_by_verb"].items()), "",
+    ]
+    args.out.with_suffix(".md").write_text("\n".join(lines))
+    if not args.no_readme:
+        readme = RESULTS / "README.md"
+        text = readme.read_text()
+        header = "## Operator scale runs"
+        if header not in text:
+            text += (f"\n{header}\n\n`operator-scale.{{json,md}}` hold the latest `bench/operator_scale.py` run. "
+                     "Every run:\n\n| date (UTC) | code | N | minimal p50 / p99 s | finetune p50 / p99 s | p99 ratio | "
+                     "burst requests (minimal / finetune) | idle FineTunes | idle req/s | idle peak RSS MiB |\n"
+                     "|---|---|---|---|---|---|---|---|---|---|\n")
+        text = text.rstrip("\n") + "\n" + (
+            f"| {r['date']} | {r['label']} | {r['finetunes']} | {mn['latency_p50_s']} / {mn['latency_p99_s']} | "
+            f"{op['latency_p50_s']} / {op['latency_p99_s']} | {r['p99_ratio']} | {mn['api_requests']} / "
+            f"{op['api_requests']} | {idle['finetunes']} | {idle['requests_per_second']} | {idle['peak_rss_mib']} |\n")
+        readme.write_text(text)
+    say(f"wrote {args.out.with_suffix('.json')} and .md")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
