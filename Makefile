@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # processes started by the test node agent can run the same environment.
 SYSTEM_PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
 
-.PHONY: setup demo test test-fast lint readme-results contract-doc bench device-wheels cluster-demo clean
+.PHONY: setup demo test test-fast lint readme-results contract-doc bench device-wheels cluster-demo images clean
 
 $(VENV)/.installed: pyproject.toml
 	$(SYSTEM_PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ contract-doc: setup
 # CPU sample FineTune and watch it train. See tests/cluster/README.md.
 cluster-demo: setup
 	$(PY) tests/cluster/cluster_demo.py
+
+# Both images from docker/*.Dockerfile with buildah, on a local base built from Debian packages
+# and this machine's wheels; cached under /var/cache/finetune-images by a hash of their inputs,
+# then checked from the inside (size budget, one libcudart, entrypoints as the numeric USER).
+images: setup
+	$(PY) docker/images.py build
 
 bench: setup
 	$(PY) bench/freeze.py

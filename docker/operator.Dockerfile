@@ -2,7 +2,11 @@
 # FineTune operator image: kopf + the Kubernetes client (the `operator` extra), never torch.
 # Build from the repository root:  docker build -f docker/operator.Dockerfile -t finetune-operator .
 
-FROM python:3.11-slim-bookworm AS build
+# The base image: the official one by default; `make images` passes a local stand-in built
+# from Debian packages where no registry can be reached (docker/images.py).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 # A virtualenv, so the runtime stage copies exactly the installed packages and no build tools.
@@ -14,13 +18,17 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY trainer/ trainer/
 COPY operator/ operator/
+# WHEELS: a directory of wheels mounted into the build (`make images` mounts this machine's
+# at /wheels); empty, the default, installs from the package index as usual.
+ARG WHEELS=""
 # Versions are pinned in pyproject.toml; `.[operator]` must not pull the `trainer` extra.
 # DL3013 wants `pkg==version`; the project itself is not pinnable and its dependencies are.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[operator]" \
+RUN if [ -n "$WHEELS" ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS="$WHEELS"; fi \
+    && pip install --no-cache-dir ".[operator]" \
     && if pip show torch >/dev/null 2>&1; then echo "torch must not be in the operator image" >&2; exit 1; fi
 
-FROM python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 # Numeric, non-root user: Kubernetes' runAsNonRoot can only verify a numeric USER.
 # A passwd entry too, because libraries asking for the user name (getpass) fail without one.
 RUN groupadd --gid 10001 operator \

@@ -8,7 +8,11 @@
 # driver comes from the node through the NVIDIA container runtime / device plugin, as with
 # any CUDA image. The same image runs CPU-only (gpusPerWorker: 0).
 
-FROM python:3.11-slim-bookworm AS build
+# The base image: the official one by default; `make images` passes a local stand-in built
+# from Debian packages where no registry can be reached (docker/images.py).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+FROM ${BASE_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
@@ -17,14 +21,18 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY trainer/ trainer/
 COPY operator/ operator/
+# WHEELS: a directory of wheels mounted into the build (`make images` mounts this machine's
+# at /wheels); empty, the default, installs from the package index as usual.
+ARG WHEELS=""
 # Versions (torch==2.14.1, torchvision==0.29.1, ...) are pinned in pyproject.toml; the `operator`
 # extra (kopf) must not be installed here.
 # DL3013 wants `pkg==version`; the project itself is not pinnable and its dependencies are.
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[trainer]" \
+RUN if [ -n "$WHEELS" ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS="$WHEELS"; fi \
+    && pip install --no-cache-dir ".[trainer]" \
     && if pip show kopf >/dev/null 2>&1; then echo "kopf must not be in the trainer image" >&2; exit 1; fi
 
-FROM python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 # Numeric UID/GID 1000: the operator's trainer pods run as runAsUser/fsGroup 1000.
 RUN groupadd --gid 1000 trainer \
     && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/trainer --shell /usr/sbin/nologin trainer

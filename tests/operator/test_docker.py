@@ -67,6 +67,31 @@ def pip_install_targets(dockerfile: Path) -> list[str]:
     return targets
 
 
+def global_args(dockerfile: Path) -> dict[str, str]:
+    """ARG defaults declared before the first FROM (what `FROM ${BASE_IMAGE}` resolves to)."""
+    args = {}
+    for keyword, arguments in instructions(dockerfile):
+        if keyword == "FROM":
+            break
+        if keyword == "ARG":
+            name, _, default = arguments.partition("=")
+            args[name] = default.strip("'\"")
+    return args
+
+
+def from_images(dockerfile: Path) -> list[str]:
+    """Each FROM's image with the global ARG defaults substituted."""
+    defaults = global_args(dockerfile)
+    images = []
+    for keyword, arguments in instructions(dockerfile):
+        if keyword == "FROM":
+            image = arguments.split()[0]
+            for name, value in defaults.items():
+                image = image.replace("${%s}" % name, value).replace("$" + name, value)
+            images.append(image)
+    return images
+
+
 def final_stage(dockerfile: Path) -> list[tuple[str, str]]:
     steps = instructions(dockerfile)
     last_from = max(i for i, (keyword, _) in enumerate(steps) if keyword == "FROM")
@@ -105,7 +130,7 @@ def test_runs_as_numeric_non_root_user(dockerfile):
 def test_operator_image_installs_the_operator_extra_only():
     assert pip_install_targets(OPERATOR_DOCKERFILE) == [".[operator]"]
     steps = final_stage(OPERATOR_DOCKERFILE)
-    assert steps[0][1].startswith("python:3.11-slim")
+    assert from_images(OPERATOR_DOCKERFILE)[-1].startswith("python:3.11-slim")
     entrypoint = [json.loads(args) for keyword, args in steps if keyword == "ENTRYPOINT"]
     assert entrypoint and entrypoint[-1][0] == "finetune-operator"
 
@@ -120,6 +145,14 @@ def test_trainer_image_installs_the_trainer_extra_only():
     entrypoint = [json.loads(args) for keyword, args in steps if keyword == "ENTRYPOINT"]
     assert entrypoint and entrypoint[-1][0] == "finetune-launch"
     assert entrypoint[-1][-3:] == ["-m", "finetune.cli", "train"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_build_args_default_to_a_plain_docker_build(dockerfile):
+    """Elsewhere `docker build` needs no build arg: the official base, wheels from the index."""
+    assert global_args(dockerfile) == {"BASE_IMAGE": "python:3.11-slim-bookworm"}
+    assert from_images(dockerfile) == ["python:3.11-slim-bookworm"] * 2
+    assert ("ARG", 'WHEELS=""') in instructions(dockerfile)
 
 
 def test_dockerignore_keeps_the_context_small():
