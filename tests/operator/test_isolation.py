@@ -229,28 +229,6 @@ def test_plan_creates_the_network_policy_with_the_service_only_when_enabled():
                           ).create_network_policy is None
 
 
-class RecordingKube:
-    """Records what _execute creates, in order (a stand-in for the API client's writes only)."""
-
-    def __init__(self) -> None:
-        self.created: list[str] = []
-
-    def patch_finetune(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def create(self, namespace: str, plural: str, body: dict[str, Any]) -> bool:
-        self.created.append(plural)
-        return True
-
-
-def test_the_network_policy_is_created_before_the_service_and_the_pods():
-    kube = RecordingKube()
-    body = finetune(spec())
-    plan = reconcile.plan(body, [], False, NOW, lambda: [], network_policy_metrics_from=OPERATOR_PEERS)
-    reconcile._execute(kube, body, plan, None, None, 0.1)
-    assert kube.created == ["networkpolicies", "services", "pods", "pods"]
-
-
 def test_network_policy_peers_setting_is_checked():
     assert m.parse_network_policy_peers("") == []
     assert m.parse_network_policy_peers(json.dumps(OPERATOR_PEERS)) == OPERATOR_PEERS

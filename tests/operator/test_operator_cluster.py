@@ -159,8 +159,10 @@ class Operator:
 
 # --- fixtures -----------------------------------------------------------------------------------------
 
-def install_crd_and_chart_rbac(cp, token_duration: str = "1h") -> Path:
-    """CRD installed; the chart's ServiceAccount + ClusterRole(Binding); a token kubeconfig for it.
+def install_crd_and_chart_rbac(cp, token_duration: str = "1h", values: dict | None = None,
+                               release: str = RELEASE) -> Path:
+    """CRD installed; the chart's ServiceAccount + ClusterRole(Binding) (rendered with ``values``
+    as ``release``); a token kubeconfig for it.
 
     Also used by tests/e2e and tests/cluster/cluster_demo.py, which load this module by path."""
     import helm_python as helm
@@ -168,7 +170,7 @@ def install_crd_and_chart_rbac(cp, token_duration: str = "1h") -> Path:
     cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunes.finetune.dev")
     cp.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
     with helm.Chart.load(CHART) as chart:
-        rendered = chart.render({}, name=RELEASE, namespace=OPERATOR_NAMESPACE, is_install=True)
+        rendered = chart.render(values or {}, name=release, namespace=OPERATOR_NAMESPACE, is_install=True)
     rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
     objects = [doc for path, text in rendered.items() if not path.endswith("NOTES.txt")
                for doc in yaml.safe_load_all(text) if doc and doc["kind"] in rbac_kinds]
