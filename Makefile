@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # processes started by the test node agent can run the same environment.
 SYSTEM_PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
 
-.PHONY: setup demo test test-fast lint readme-results contract-doc bench device-wheels cluster-demo images clean
+.PHONY: setup demo test test-fast lint readme-results contract-doc bench device-wheels cluster-demo images test-images clean
 
 $(VENV)/.installed: pyproject.toml
 	$(SYSTEM_PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ cluster-demo: setup
 # then checked from the inside (size budget, one libcudart, entrypoints as the numeric USER).
 images: setup
 	$(PY) docker/images.py build
+
+# The images run as a cluster runs them (runc; tests/images): training, the operator on the control plane.
+test-images: images
+	FINETUNE_IMAGE_TESTS=1 $(PY) -m pytest tests/images
 
 bench: setup
 	$(PY) bench/freeze.py

@@ -30,9 +30,10 @@ RUN if [ -n "$WHEELS" ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS="$WHEELS"; fi
 
 FROM ${BASE_IMAGE}
 # Numeric, non-root user: Kubernetes' runAsNonRoot can only verify a numeric USER.
-# A passwd entry too, because libraries asking for the user name (getpass) fail without one.
-RUN groupadd --gid 10001 operator \
-    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin operator
+# A passwd entry too, because libraries asking for the user name (getpass) fail without one;
+# not "operator": Debian's base-passwd already has that group (gid 37), so groupadd would fail.
+RUN groupadd --gid 10001 finetune \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin finetune
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -1,0 +1,69 @@
+"""Fixtures for the tests that run the built images (docker/images.py; `make images`).
+
+The images are built (or found in the cache by their input hash) once, after collection,
+when a selected test uses ``trainer_image`` or ``operator_image``: a first build takes
+minutes and must not count against a test's pytest-timeout. A failed build makes those
+tests error with the build's output; they are never skipped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+# Not yet part of `make test` (see the issue's notes in docker/README or the commit log):
+# run with FINETUNE_IMAGE_TESTS=1 (`make test-images`).
+if os.environ.get("FINETUNE_IMAGE_TESTS") != "1":
+    collect_ignore_glob = ["test_*.py"]
+
+_IMAGE_FIXTURES = {"trainer_image": "trainer", "operator_image": "operator"}
+_REFS: dict[str, str] = {}
+_ERRORS: dict[str, str] = {}
+
+
+def load_images_module():
+    """docker/images.py, loaded by path under a fixed name (docker/ is no package)."""
+    name = "finetune_tests_images"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "docker" / "images.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def pytest_collection_finish(session):
+    wanted = sorted({image for item in session.items for fixture, image in _IMAGE_FIXTURES.items()
+                     if fixture in getattr(item, "fixturenames", ())})
+    images = load_images_module()
+    for name in wanted:
+        try:
+            _REFS[name] = images.build(name)
+        except Exception as error:  # reported by the fixture, as a test error
+            _ERRORS[name] = f"building the {name} image failed: {error}"
+
+
+def _image(name: str) -> str:
+    if name in _ERRORS:
+        pytest.fail(_ERRORS[name], pytrace=False)
+    return _REFS[name]
+
+
+@pytest.fixture(scope="session")
+def images():
+    return load_images_module()
+
+
+@pytest.fixture(scope="session")
+def trainer_image() -> str:
+    return _image("trainer")
+
+
+@pytest.fixture(scope="session")
+def operator_image() -> str:
+    return _image("operator")
