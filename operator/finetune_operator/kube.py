@@ -8,7 +8,6 @@ generated typed models would only convert them back and forth.
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any, Mapping
 from urllib.parse import quote
 
@@ -23,6 +22,10 @@ class KubeError(Exception):
         self.status = status
         self.reason = reason
         self.message = message
+
+
+class StaleObject(KubeError):
+    """409 on a write that carried a resourceVersion: the object changed since it was read."""
 
 
 def load_configuration() -> kubernetes.client.Configuration:
@@ -131,9 +134,22 @@ class Kube:
             if e.status not in (404, 422):
                 raise
 
-    def patch_finetune(self, namespace: str, name: str, patch: Mapping[str, Any], *, status: bool = False) -> None:
+    def patch_finetune(self, namespace: str, name: str, patch: Mapping[str, Any], *, status: bool = False,
+                       resource_version: str | None = None) -> str | None:
+        """Merge-patch the FineTune (or its status); returns the new resourceVersion.
+
+        With ``resource_version`` the patch applies only to that version of the object (the
+        apiserver answers 409, raised as StaleObject, when it changed since)."""
         path = self.finetune_path(namespace, name) + ("/status" if status else "")
-        self.request("PATCH", path, body=patch, content_type="application/merge-patch+json")
+        if resource_version:
+            patch = {**patch, "metadata": {**(patch.get("metadata") or {}), "resourceVersion": resource_version}}
+        try:
+            result = self.request("PATCH", path, body=patch, content_type="application/merge-patch+json")
+        except KubeError as e:
+            if e.status == 409 and resource_version:
+                raise StaleObject(e.status, e.reason, e.message) from e
+            raise
+        return (result.get("metadata") or {}).get("resourceVersion")
 
     def delete_finetune(self, namespace: str, name: str, uid: str) -> None:
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background",
@@ -144,14 +160,3 @@ class Kube:
             if e.status not in (404, 409):
                 raise
 
-
-_shared: Kube | None = None
-_shared_lock = threading.Lock()
-
-
-def shared() -> Kube:
-    global _shared
-    with _shared_lock:
-        if _shared is None:
-            _shared = Kube()
-        return _shared

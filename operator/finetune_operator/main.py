@@ -13,14 +13,15 @@ import argparse
 import dataclasses
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import kopf
 import prometheus_client
 
-from . import handlers  # noqa: F401  (registers the handlers)
+from . import handlers  # (registers the handlers)
 from . import kube as kube_
 from . import manifests
+from . import manifests as m
 from . import metrics as metrics_
 from . import runtime
 from . import validation
@@ -28,28 +29,63 @@ from . import validation
 PEERING_NAME = "finetune-operator"
 FINALIZER = "finetune.dev/finalizer"
 PREFIX = "finetune.dev"
+OWNED_SELECTOR = ",".join(f"{k}={v}" if isinstance(v, str) else k for k, v in handlers.OWNED_LABELS.items())
 
 
 @dataclasses.dataclass
 class Options:
-    metrics_port: int = int(os.environ.get("FINETUNE_OPERATOR_METRICS_PORT", "8080"))
-    metrics_address: str = os.environ.get("FINETUNE_OPERATOR_METRICS_ADDRESS", "0.0.0.0")
-    server_timeout: int = int(os.environ.get("FINETUNE_OPERATOR_WATCH_SERVER_TIMEOUT", "300"))
-    posting_level: str = os.environ.get("FINETUNE_OPERATOR_EVENT_LEVEL", "INFO")
-    max_workers: int = int(os.environ.get("FINETUNE_OPERATOR_MAX_WORKERS", "8"))
-    scrape_timeout: float = float(os.environ.get("FINETUNE_OPERATOR_SCRAPE_TIMEOUT", "2"))
+    """The operator's settings: built once in ``main`` (or the startup handler, under
+    ``kopf run``) from the environment and the command line, then handed to every handler
+    through kopf's memo. Nothing reads the environment elsewhere."""
+
+    metrics_port: int = 8080
+    metrics_address: str = "0.0.0.0"
+    server_timeout: int = 300
+    posting_level: str = "INFO"
+    max_workers: int = 8
+    scrape_timeout: float = 2.0
+    # Threads that scrape rank 0 (apart from kopf's handler threads).
+    scrape_workers: int = 4
+    # How often a Running FineTune (or one waiting to retry a refused pod) is looked at.
+    poll_interval: float = 10.0
+    # How long after an API error a reconcile is tried again.
+    retry_delay: float = 5.0
+    # The trainer image for FineTunes without spec.image (the chart sets FINETUNE_TRAINER_IMAGE).
+    trainer_image: str = m.DEFAULT_TRAINER_IMAGE
     # Comma-separated volume source types a FineTune may use; empty: validation's default.
-    allowed_volume_types: str = os.environ.get("FINETUNE_OPERATOR_ALLOWED_VOLUME_TYPES", "")
+    allowed_volume_types: str = ""
     # "true": one NetworkPolicy per FineTune; the JSON list of peers that may reach port 9400.
-    network_policy: bool = os.environ.get("FINETUNE_OPERATOR_NETWORK_POLICY", "").lower() == "true"
-    network_policy_metrics_from: str = os.environ.get("FINETUNE_OPERATOR_NETWORK_POLICY_METRICS_FROM", "[]")
+    network_policy: str = ""
+    network_policy_metrics_from: str = "[]"
 
+    ENVIRONMENT: ClassVar[dict[str, str]] = {
+        "metrics_port": "FINETUNE_OPERATOR_METRICS_PORT",
+        "metrics_address": "FINETUNE_OPERATOR_METRICS_ADDRESS",
+        "server_timeout": "FINETUNE_OPERATOR_WATCH_SERVER_TIMEOUT",
+        "posting_level": "FINETUNE_OPERATOR_EVENT_LEVEL",
+        "max_workers": "FINETUNE_OPERATOR_MAX_WORKERS",
+        "scrape_timeout": "FINETUNE_OPERATOR_SCRAPE_TIMEOUT",
+        "scrape_workers": "FINETUNE_OPERATOR_SCRAPE_WORKERS",
+        "poll_interval": "FINETUNE_OPERATOR_RECONCILE_INTERVAL",
+        "retry_delay": "FINETUNE_OPERATOR_RETRY_DELAY",
+        "trainer_image": m.TRAINER_IMAGE_ENV,
+        "allowed_volume_types": "FINETUNE_OPERATOR_ALLOWED_VOLUME_TYPES",
+        "network_policy": "FINETUNE_OPERATOR_NETWORK_POLICY",
+        "network_policy_metrics_from": "FINETUNE_OPERATOR_NETWORK_POLICY_METRICS_FROM",
+    }
 
-options = Options()
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str]) -> "Options":
+        """Defaults, overridden by the environment variables in ENVIRONMENT that are set and not empty."""
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        casts = {"int": int, "float": float, "str": str}
+        return cls(**{field: casts[types[field]](environ[var])
+                      for field, var in cls.ENVIRONMENT.items() if environ.get(var)})
 
 
 @kopf.on.startup()
-def configure_operator(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
+def configure_operator(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    options: Options = memo.get("options") or Options.from_environment(os.environ)
     # Everything the operator writes to a FineTune is under its own prefix, not kopf.zalando.org.
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
@@ -60,13 +96,16 @@ def configure_operator(settings: kopf.OperatorSettings, logger: logging.Logger, 
     settings.watching.server_timeout = options.server_timeout
     settings.watching.client_timeout = options.server_timeout + 30
     settings.watching.connect_timeout = 30
+    # Only the operator's own pods and Services reach it (filtered by the apiserver, not here).
+    for plural in ("pods", "services"):
+        settings.watching.label_selectors["", "v1", plural] = OWNED_SELECTOR
     settings.posting.level = logging.getLevelName(options.posting_level.upper())
     # A second replica with the same peering name stays on standby (if the peering CRD exists;
     # --peering makes it mandatory, --standalone turns it off).
     if settings.peering.name == "default":
         settings.peering.name = PEERING_NAME
     settings.execution.max_workers = options.max_workers
-    # Deleting a FineTune waits for its timer to exit; if the timer was mid-reconcile (or is the
+    # Deleting a FineTune waits for its daemon to exit; if the daemon was mid-reconcile (or is the
     # one deleting it for ttlSecondsAfterFinished), kopf re-checks after this many seconds
     # (default 60) before it releases the finalizer.
     settings.background.cancellation_polling = 1
@@ -76,17 +115,23 @@ def configure_operator(settings: kopf.OperatorSettings, logger: logging.Logger, 
     try:
         allowed_volume_types = validation.parse_allowed_volume_types(options.allowed_volume_types)
         metrics_from = (manifests.parse_network_policy_peers(options.network_policy_metrics_from)
-                        if options.network_policy else None)
+                        if options.network_policy.lower() == "true" else None)
     except ValueError as e:
         raise kopf.PermanentError(f"invalid operator setting: {e}") from e
-    runtime.configure(runtime.Runtime(
+    memo.runtime = runtime.Runtime(
         kube=kube_.Kube(),
-        metrics=metrics_.default(),
-        default_image=os.environ.get("FINETUNE_TRAINER_IMAGE") or None,
-        scrape_timeout=options.scrape_timeout,
+        metrics=metrics_.OperatorMetrics(),
+        options=options,
+        scrapes=runtime.ScrapePool(options.scrape_workers, options.scrape_timeout),
         allowed_volume_types=allowed_volume_types,
         network_policy_metrics_from=metrics_from,
-    ))
+    )
+
+
+@kopf.on.cleanup()
+def stop_scraping(memo: kopf.Memo, **_: Any) -> None:
+    if "runtime" in memo:
+        memo.runtime.scrapes.shutdown()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -101,7 +146,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--priority", type=int, help="peering priority (the highest runs, others stand by)")
     parser.add_argument("--liveness", default=os.environ.get("FINETUNE_OPERATOR_LIVENESS", "http://0.0.0.0:8081/healthz"),
                         help="kopf liveness endpoint URL; empty disables it")
-    parser.add_argument("--metrics-port", type=int, default=options.metrics_port,
+    parser.add_argument("--metrics-port", type=int, default=None,
                         help="port of the operator's Prometheus metrics; 0 disables them")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--debug", action="store_true")
@@ -110,7 +155,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    options.metrics_port = args.metrics_port
+    options = Options.from_environment(os.environ)
+    if args.metrics_port is not None:
+        options.metrics_port = args.metrics_port
     kopf.configure(verbose=args.verbose, debug=args.debug)
     kopf.run(
         clusterwide=not args.namespace,
@@ -119,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         peering_name=args.peering,
         priority=args.priority,
         liveness_endpoint=args.liveness or None,
+        memo=kopf.Memo(options=options),
     )
 
 

@@ -97,15 +97,3 @@ class OperatorMetrics:
         if counter is not None:
             counter.inc()
 
-
-_default: OperatorMetrics | None = None
-_default_lock = threading.Lock()
-
-
-def default() -> OperatorMetrics:
-    """The process-wide metrics (registered once in prometheus_client's default registry)."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = OperatorMetrics()
-        return _default

@@ -20,7 +20,6 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import threading
 from typing import Any, Callable, Mapping
 
 from . import kube as kube_
@@ -33,6 +32,8 @@ from . import validation
 logger = logging.getLogger(__name__)
 
 CREATE_FAILED_PREFIX = "cannot create worker pod"
+# Condition: a ResourceQuota refused a worker pod; the run waits (and retries) instead of failing.
+QUOTA_EXCEEDED = "QuotaExceeded"
 
 EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
 
@@ -105,6 +106,33 @@ def _stop_or_delete_active(plan: Plan, outcomes: Mapping[int, st.PodOutcome], po
             plan.delete_pods.append(_pod_ref(pod))
 
 
+@dataclasses.dataclass
+class _Run:
+    """What every step of ``plan`` reads: the FineTune, its effective spec and its pods, sorted."""
+
+    finetune: Mapping[str, Any]
+    now: dt.datetime
+    phase: str | None
+    effective: dict[str, Any]
+    attempt: int
+    current: dict[int, Mapping[str, Any]]  # live pods of this attempt, by worker index
+    outcomes: dict[int, st.PodOutcome]
+    stale: list[Mapping[str, Any]]  # live pods of another attempt or index
+    terminating: list[Mapping[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return self.finetune["metadata"]["name"]
+
+    @property
+    def workers(self) -> int:
+        return int(self.effective["workers"])
+
+    @property
+    def missing(self) -> list[int]:
+        return [i for i in range(self.workers) if i not in self.current]
+
+
 def plan(
     finetune: Mapping[str, Any],
     pods: list[Mapping[str, Any]],
@@ -114,69 +142,90 @@ def plan(
     default_image: str | None = None,
     network_policy_metrics_from: list[dict[str, Any]] | None = None,
 ) -> Plan:
-    """Decide what to do for one FineTune, given everything read from the cluster.
+    """Decide what to do for one FineTune, given everything known about it: one step per
+    situation, each returns True when the plan is complete.
 
     ``network_policy_metrics_from`` None: no NetworkPolicy; else the peers allowed to scrape."""
     meta = finetune["metadata"]
-    name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
-    generation = meta.get("generation")
-    spec = finetune.get("spec") or {}
     old = finetune.get("status") or {}
     p = Plan(status=copy.deepcopy(dict(old)))
-    p.status["observedGeneration"] = generation
+    p.status["observedGeneration"] = meta.get("generation")
+    owned = _owned(pods, meta["uid"])
     phase = old.get("phase")
-    applied_json = (meta.get("annotations") or {}).get(m.ANNOTATION_APPLIED_SPEC)
-    owned = _owned(pods, uid)
-
-    # --- Finished runs: only TTL and cleanup of leftovers ---------------------------------
     if phase in st.TERMINAL_PHASES:
-        if applied_json is None and phase == st.FAILED and old.get("observedGeneration") != generation:
-            # The spec that failed validation was edited: validate it again from scratch.
-            p.status = {
-                "observedGeneration": generation,
-                "conditions": st.set_condition(old.get("conditions"), st.FAILED, False, "SpecChanged",
-                                               "the spec changed; validating it again", now),
-            }
+        if _finished_spec_was_edited(p, finetune, now):
             phase = None
         else:
             _finished(p, finetune, owned, now)
             return p
+    applied = _start_or_check_spec(p, finetune, now, validate)
+    if applied is None:
+        return p
+    run = _sort_pods(finetune, owned, applied, p, now, phase)
+    if not service_exists:
+        p.create_service = m.build_service(run.name, meta["namespace"], finetune)
+        if network_policy_metrics_from is not None:
+            p.create_network_policy = m.build_network_policy(run.name, meta["namespace"], finetune,
+                                                             network_policy_metrics_from)
+    if _suspended(p, run) or _deadline_exceeded(p, run) or _failed(p, run):
+        return p
+    _progress(p, run, default_image)
+    return p
 
-    # --- Start: validate and record the applied spec --------------------------------------
-    if applied_json is None:
-        problems = validate()
-        if problems:
-            message = "invalid spec: " + "; ".join(problems)
-            _finish(p, st.FAILED, "ValidationFailed", message, now)
-            return p
-        applied = m.immutable_spec(spec)
-        p.annotations[m.ANNOTATION_APPLIED_SPEC] = json.dumps(applied, sort_keys=True, separators=(",", ":"))
-        workers = int(applied["workers"])
-        p.status.update({
-            "appliedSpecHash": m.spec_hash(spec),
-            "appliedGeneration": generation,
-            "restarts": 0,
-            "epoch": 0,
-            "epochs": int(applied["training"]["epochs"]),
-            "progress": st.progress(0, int(applied["training"]["epochs"])),
-        })
-        message = f"created headless Service {m.service_name(name)} and {workers} worker pod(s)"
-        p.status["conditions"] = st.set_condition(p.status.get("conditions"), st.CREATED, True, "Created", message, now)
-        p.status = st.enter_phase(p.status, st.PENDING, "Created", f"waiting for {workers} worker pod(s) to start", now)
-        p.events.append(Event("Normal", "Created", message))
-        p.counters.append("created")
-    else:
+
+def _finished_spec_was_edited(p: Plan, finetune: Mapping[str, Any], now: dt.datetime) -> bool:
+    """A spec that failed validation was edited: validate it again from scratch."""
+    meta, old = finetune["metadata"], finetune.get("status") or {}
+    applied_json = (meta.get("annotations") or {}).get(m.ANNOTATION_APPLIED_SPEC)
+    if applied_json is not None or old.get("phase") != st.FAILED or old.get("observedGeneration") == meta.get("generation"):
+        return False
+    p.status = {
+        "observedGeneration": meta.get("generation"),
+        "conditions": st.set_condition(old.get("conditions"), st.FAILED, False, "SpecChanged",
+                                       "the spec changed; validating it again", now),
+    }
+    return True
+
+
+def _start_or_check_spec(p: Plan, finetune: Mapping[str, Any], now: dt.datetime,
+                         validate: Callable[[], list[str]]) -> dict[str, Any] | None:
+    """The applied spec: recorded now when the run starts (None if the spec is invalid)."""
+    meta, spec = finetune["metadata"], finetune.get("spec") or {}
+    applied_json = (meta.get("annotations") or {}).get(m.ANNOTATION_APPLIED_SPEC)
+    if applied_json is not None:
         applied = json.loads(applied_json)
         _check_spec_change(p, spec, applied, now)
+        return applied
+    problems = validate()
+    if problems:
+        _finish(p, st.FAILED, "ValidationFailed", "invalid spec: " + "; ".join(problems), now)
+        return None
+    applied = m.immutable_spec(spec)
+    p.annotations[m.ANNOTATION_APPLIED_SPEC] = json.dumps(applied, sort_keys=True, separators=(",", ":"))
+    workers = int(applied["workers"])
+    p.status.update({
+        "appliedSpecHash": m.spec_hash(spec),
+        "appliedGeneration": meta.get("generation"),
+        "restarts": 0,
+        "epoch": 0,
+        "epochs": int(applied["training"]["epochs"]),
+        "progress": st.progress(0, int(applied["training"]["epochs"])),
+    })
+    message = f"created headless Service {m.service_name(meta['name'])} and {workers} worker pod(s)"
+    p.status["conditions"] = st.set_condition(p.status.get("conditions"), st.CREATED, True, "Created", message, now)
+    p.status = st.enter_phase(p.status, st.PENDING, "Created", f"waiting for {workers} worker pod(s) to start", now)
+    p.events.append(Event("Normal", "Created", message))
+    p.counters.append("created")
+    return applied
+
+
+def _sort_pods(finetune: Mapping[str, Any], owned: list[Mapping[str, Any]], applied: Mapping[str, Any],
+               p: Plan, now: dt.datetime, phase: str | None) -> _Run:
+    """The effective spec (applied + mutable fields, defaults once) and the pods sorted by it;
+    pods of another attempt are deleted on sight."""
+    spec = finetune.get("spec") or {}
     effective = m.with_defaults({**applied, **{k: spec[k] for k in m.MUTABLE_FIELDS if k in spec}})
     workers = int(effective["workers"])
-
-    if not service_exists:
-        p.create_service = m.build_service(name, namespace, finetune)
-        if network_policy_metrics_from is not None:
-            p.create_network_policy = m.build_network_policy(name, namespace, finetune,
-                                                             network_policy_metrics_from)
-
     attempt = int(p.status.get("restarts") or 0)
     live = [pod for pod in owned if not pod["metadata"].get("deletionTimestamp")]
     terminating = [pod for pod in owned if pod["metadata"].get("deletionTimestamp")]
@@ -188,106 +237,123 @@ def plan(
     p.delete_pods += [_pod_ref(pod) for pod in stale]
     outcomes = {i: st.classify_pod(pod) for i, pod in sorted(current.items())}
     p.status["workers"] = _worker_counts(outcomes)
+    return _Run(finetune, now, phase, effective, attempt, current, outcomes, stale, terminating)
 
-    # --- Suspend / resume -------------------------------------------------------------------
-    if effective.get("suspend"):
-        p.delete_pods += [_pod_ref(pod) for pod in current.values()]
+
+def _suspended(p: Plan, run: _Run) -> bool:
+    """spec.suspend: delete the workers; on resume, start them again (a new startTime)."""
+    if run.effective.get("suspend"):
+        p.delete_pods += [_pod_ref(pod) for pod in run.current.values()]
         p.status["workers"] = {"active": 0, "succeeded": 0, "failed": 0}
-        if phase != st.SUSPENDED:
+        if run.phase != st.SUSPENDED:
             message = "suspended: worker pods deleted; set spec.suspend to false to resume from last.pt"
-            p.status = st.enter_phase(p.status, st.SUSPENDED, "Suspended", message, now)
+            p.status = st.enter_phase(p.status, st.SUSPENDED, "Suspended", message, run.now)
             # Like a Job: the active deadline counts from the (re)start, not across a suspension.
             p.status["startTime"] = None
             p.events.append(Event("Normal", "Suspended", message))
-        return p
-    if phase == st.SUSPENDED:
-        message = f"resumed: recreating {workers} worker pod(s); the trainer continues from last.pt"
-        p.status = st.enter_phase(p.status, st.PENDING, "Resumed", message, now)
+        return True
+    if run.phase == st.SUSPENDED:
+        message = f"resumed: recreating {run.workers} worker pod(s); the trainer continues from last.pt"
+        p.status = st.enter_phase(p.status, st.PENDING, "Resumed", message, run.now)
         p.events.append(Event("Normal", "Resumed", message))
-        phase = st.PENDING
+        run.phase = st.PENDING
     if not p.status.get("startTime"):
-        p.status["startTime"] = st.timestamp(now)
+        p.status["startTime"] = st.timestamp(run.now)
+    return False
 
-    # --- activeDeadlineSeconds ----------------------------------------------------------------
-    deadline = effective.get("activeDeadlineSeconds")
+
+def _deadline_exceeded(p: Plan, run: _Run) -> bool:
+    deadline = run.effective.get("activeDeadlineSeconds")
     started = st.parse_timestamp(p.status["startTime"])
-    if deadline and started and now >= started + dt.timedelta(seconds=int(deadline)):
-        message = f"the run was active longer than spec.activeDeadlineSeconds ({deadline}s); worker pods deleted"
-        _finish(p, st.FAILED, "DeadlineExceeded", message, now)
-        p.delete_pods += [_pod_ref(pod) for pod in current.values()]
-        return p
+    if not (deadline and started and run.now >= started + dt.timedelta(seconds=int(deadline))):
+        return False
+    message = f"the run was active longer than spec.activeDeadlineSeconds ({deadline}s); worker pods deleted"
+    _finish(p, st.FAILED, "DeadlineExceeded", message, run.now)
+    p.delete_pods += [_pod_ref(pod) for pod in run.current.values()]
+    return True
 
-    # --- Failures -------------------------------------------------------------------------------
-    permanent = [o for o in outcomes.values() if o.state == "failed" and not o.retryable]
-    retryable = [o for o in outcomes.values() if o.state == "failed" and o.retryable]
-    missing = [i for i in range(workers) if i not in current]
-    run_started = any(o.state != "pending" for o in outcomes.values())
-    if missing and run_started and not stale and not terminating and not permanent and not retryable:
-        # A worker of a started run vanished (deleted, node gone): the others cannot continue.
-        retryable.append(st.PodOutcome(m.worker_pod_name(name, missing[0]), "failed", True,
+
+def _failed(p: Plan, run: _Run) -> bool:
+    """A failed worker: permanent fails the run, retryable restarts every worker (backoffLimit)."""
+    permanent = [o for o in run.outcomes.values() if o.state == "failed" and not o.retryable]
+    retryable = [o for o in run.outcomes.values() if o.state == "failed" and o.retryable]
+    missing = run.missing
+    # A worker vanished (deleted, node gone) only if the whole set ran in this attempt (the phase
+    # became Running). A partly created set (a quota or webhook refused a pod, or the operator
+    # stopped between two POSTs) is completed instead, without counting a restart.
+    if (missing and run.phase == st.RUNNING and not run.stale and not run.terminating
+            and not permanent and not retryable):
+        retryable.append(st.PodOutcome(m.worker_pod_name(run.name, missing[0]), "failed", True,
                                        reason="Deleted", detail="the pod disappeared"))
     if permanent:
         failure = permanent[0]
         message = (f"{failure.describe()}; a permanent failure is not retried. Pods are kept for "
                    f"their logs: kubectl logs {failure.name}")
-        _finish(p, st.FAILED, "WorkerFailed", message, now)
-        _stop_or_delete_active(p, outcomes, current)
-        return p
-    if retryable:
-        failure = retryable[0]
-        limit = int(effective["backoffLimit"])
-        if attempt >= limit:
-            message = (f"{failure.describe()}; backoffLimit {limit} reached after {attempt} restart(s). "
-                       f"Pods are kept for their logs: kubectl logs {failure.name}")
-            _finish(p, st.FAILED, "BackoffLimitExceeded", message, now)
-            _stop_or_delete_active(p, outcomes, current)
-            return p
-        p.status["restarts"] = attempt + 1
-        message = (f"{failure.describe()}; restarting all {workers} workers from last.pt "
-                   f"(restart {attempt + 1} of backoffLimit {limit})")
-        p.status = st.enter_phase(p.status, st.RESTARTING, "RetryableFailure", message, now)
-        p.status["workers"] = {"active": 0, "succeeded": 0, "failed": 0}
-        p.delete_pods += [_pod_ref(pod) for pod in current.values()]
-        p.events.append(Event("Warning", "Restarting", message))
-        p.counters.append("restarts")
-        return p
+        _finish(p, st.FAILED, "WorkerFailed", message, run.now)
+        _stop_or_delete_active(p, run.outcomes, run.current)
+        return True
+    if not retryable:
+        return False
+    failure = retryable[0]
+    limit = int(run.effective["backoffLimit"])
+    if run.attempt >= limit:
+        message = (f"{failure.describe()}; backoffLimit {limit} reached after {run.attempt} restart(s). "
+                   f"Pods are kept for their logs: kubectl logs {failure.name}")
+        _finish(p, st.FAILED, "BackoffLimitExceeded", message, run.now)
+        _stop_or_delete_active(p, run.outcomes, run.current)
+        return True
+    p.status["restarts"] = run.attempt + 1
+    message = (f"{failure.describe()}; restarting all {run.workers} workers from last.pt "
+               f"(restart {run.attempt + 1} of backoffLimit {limit})")
+    p.status = st.enter_phase(p.status, st.RESTARTING, "RetryableFailure", message, run.now)
+    p.status["workers"] = {"active": 0, "succeeded": 0, "failed": 0}
+    p.delete_pods += [_pod_ref(pod) for pod in run.current.values()]
+    p.events.append(Event("Warning", "Restarting", message))
+    p.counters.append("restarts")
+    return True
 
-    # --- Create what is missing, then report --------------------------------------------------
-    if stale or terminating:
-        waiting = sorted({pod["metadata"]["name"] for pod in stale + terminating})
+
+def _progress(p: Plan, run: _Run, default_image: str | None) -> None:
+    """Create the missing workers, then report: waiting, running or succeeded."""
+    old = run.finetune.get("status") or {}
+    name, namespace = run.name, run.finetune["metadata"]["namespace"]
+    if run.stale or run.terminating:
+        waiting = sorted({pod["metadata"]["name"] for pod in run.stale + run.terminating})
         p.status["message"] = f"waiting for old worker pod(s) to terminate: {', '.join(waiting)}"
-        return p
-    for index in missing:
-        p.create_pods.append(m.build_worker_pod(name, namespace, effective, index, finetune, attempt, default_image))
-
-    states = [outcomes[i].state if i in outcomes else "pending" for i in range(workers)]
+        return
+    for index in run.missing:
+        p.create_pods.append(m.build_worker_pod(name, namespace, run.effective, index, run.finetune,
+                                                run.attempt, default_image))
+    if not run.missing and st.condition_is_true(p.status.get("conditions"), QUOTA_EXCEEDED):
+        p.status["conditions"] = st.set_condition(p.status["conditions"], QUOTA_EXCEEDED, False, "WorkersCreated",
+                                                  f"all {run.workers} worker pod(s) exist", run.now)
+    states = [run.outcomes[i].state if i in run.outcomes else "pending" for i in range(run.workers)]
     if all(s == "succeeded" for s in states):
-        checkpoint = m.checkpoint_path(effective)
+        checkpoint = m.checkpoint_path(run.effective)
         p.status["checkpoint"] = checkpoint
-        _finish(p, st.SUCCEEDED, "Completed", f"all {workers} worker(s) succeeded; best checkpoint {checkpoint}", now)
-        return p
+        _finish(p, st.SUCCEEDED, "Completed", f"all {run.workers} worker(s) succeeded; best checkpoint {checkpoint}",
+                run.now)
+        return
     if all(s in ("running", "succeeded") for s in states):
-        if phase != st.RUNNING:
-            message = f"all {workers} worker(s) running"
-            p.status = st.enter_phase(p.status, st.RUNNING, "WorkersRunning", message, now)
+        if run.phase != st.RUNNING:
+            message = f"all {run.workers} worker(s) running"
+            p.status = st.enter_phase(p.status, st.RUNNING, "WorkersRunning", message, run.now)
             p.events.append(Event("Normal", "Running", message))
-        p.scrape_pod = dict(current[0]) if 0 in current else None
-        return p
-
-    details = [f"{m.worker_pod_name(name, i)} {('(' + outcomes[i].detail + ')') if i in outcomes and outcomes[i].detail else ''}".strip()
-               for i in range(workers) if states[i] == "pending"]
+        p.scrape_pod = dict(run.current[0]) if 0 in run.current else None
+        return
+    details = [f"{m.worker_pod_name(name, i)} {('(' + run.outcomes[i].detail + ')') if i in run.outcomes and run.outcomes[i].detail else ''}".strip()
+               for i in range(run.workers) if states[i] == "pending"]
     message = f"waiting for worker pod(s) to start: {', '.join(details)}"
     if p.create_pods and str(old.get("message", "")).startswith(CREATE_FAILED_PREFIX):
         message = old["message"]  # keep saying why the pods do not exist until they do
-    if phase in (None, st.RUNNING):
-        p.status = st.enter_phase(p.status, st.PENDING, "WaitingForWorkers", message, now)
-    elif phase == st.RESTARTING:
+    if run.phase in (None, st.RUNNING):
+        p.status = st.enter_phase(p.status, st.PENDING, "WaitingForWorkers", message, run.now)
+    elif run.phase == st.RESTARTING:
         # Keep saying why it restarts until every worker runs again.
         restarting = st.get_condition(p.status.get("conditions"), st.RESTARTING) or {}
         p.status["message"] = f"{restarting.get('message', 'restarting')}; {message}"
     else:
         p.status["message"] = message
-    return p
 
 
 def _check_spec_change(p: Plan, spec: Mapping[str, Any], applied: Mapping[str, Any], now: dt.datetime) -> None:
@@ -344,21 +410,6 @@ def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, An
 
 # --- Acting on the cluster -----------------------------------------------------------------------
 
-_locks: dict[tuple[str, str], threading.Lock] = {}
-_locks_guard = threading.Lock()
-
-
-def _lock_for(namespace: str, name: str) -> threading.Lock:
-    """Handlers run in kopf's thread pool; one reconcile per FineTune at a time."""
-    with _locks_guard:
-        return _locks.setdefault((namespace, name), threading.Lock())
-
-
-def forget(namespace: str, name: str) -> None:
-    with _locks_guard:
-        _locks.pop((namespace, name), None)
-
-
 def validate_in_cluster(
     kube: kube_.Kube,
     finetune: Mapping[str, Any],
@@ -375,30 +426,47 @@ def validate_in_cluster(
 
 def reconcile(
     kube: kube_.Kube,
-    namespace: str,
-    name: str,
+    finetune: Mapping[str, Any],
+    pods: list[Mapping[str, Any]],
+    service_exists: bool,
     *,
     post_event: EventPoster | None = None,
     operator_metrics: metrics_.OperatorMetrics | None = None,
     default_image: str | None = None,
-    scrape_timeout: float = 2.0,
     now: dt.datetime | None = None,
     allowed_volume_types: tuple[str, ...] = validation.DEFAULT_ALLOWED_VOLUME_TYPES,
     network_policy_metrics_from: list[dict[str, Any]] | None = None,
 ) -> Plan | None:
-    """Bring one FineTune's pods and status in line with its spec; None if it is gone."""
-    with _lock_for(namespace, name):
-        finetune = kube.get_finetune(namespace, name)
+    """Bring one FineTune's pods and status in line with its spec, from what the caller knows
+    (kopf's bodies and indexes: no reads). None if it is being deleted.
+
+    The caller's copy of the FineTune may lag behind the operator's own writes. Every write to
+    it carries the resourceVersion it was planned from, so a plan made from a stale copy (which
+    could count a restart twice) is refused by the apiserver; then the FineTune is read once
+    and planned again. One reconcile per FineTune at a time is the caller's job.
+    """
+    current_time = now or dt.datetime.now(dt.timezone.utc)
+    for attempt in range(2):
         if finetune is None or finetune["metadata"].get("deletionTimestamp"):
             return None
-        pods = kube.list_pods(namespace, f"{m.LABEL_FINETUNE}={name}")
-        service = kube.get_or_none(kube.core_path(namespace, "services", m.service_name(name)))
-        current_time = now or dt.datetime.now(dt.timezone.utc)
-        result = plan(finetune, pods, service is not None, current_time,
-                      lambda: validate_in_cluster(kube, finetune, allowed_volume_types), default_image,
+        body = finetune
+        result = plan(body, pods, service_exists, current_time,
+                      lambda: validate_in_cluster(kube, body, allowed_volume_types), default_image,
                       network_policy_metrics_from)
-        _execute(kube, finetune, result, post_event, operator_metrics, scrape_timeout)
-        return result
+        try:
+            _execute(kube, finetune, result, post_event, operator_metrics)
+            return result
+        except kube_.StaleObject:
+            if attempt:
+                raise
+            logger.debug("%s/%s changed since it was read; reading it again", finetune["metadata"]["namespace"],
+                         finetune["metadata"]["name"])
+            finetune = kube.get_finetune(finetune["metadata"]["namespace"], finetune["metadata"]["name"])
+    return None  # pragma: no cover - the loop returns or raises
+
+
+def _is_quota_refusal(error: kube_.KubeError) -> bool:
+    return error.status == 403 and "exceeded quota" in (error.message or "")
 
 
 def _execute(
@@ -407,17 +475,18 @@ def _execute(
     p: Plan,
     post_event: EventPoster | None,
     operator_metrics: metrics_.OperatorMetrics | None,
-    scrape_timeout: float,
 ) -> None:
     meta = finetune["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     old_status = finetune.get("status") or {}
+    version = meta.get("resourceVersion")
     # Order matters for crash safety: record decisions (annotation, status) before acting on them.
     if p.annotations:
-        kube.patch_finetune(namespace, name, {"metadata": {"annotations": p.annotations}})
+        version = kube.patch_finetune(namespace, name, {"metadata": {"annotations": p.annotations}},
+                                      resource_version=version)
     patch = status_patch(old_status, p.status)
     if patch:
-        kube.patch_finetune(namespace, name, {"status": patch}, status=True)
+        version = kube.patch_finetune(namespace, name, {"status": patch}, status=True, resource_version=version)
     for pod_name, uid in p.delete_pods:
         kube.delete(namespace, "pods", pod_name, uid or None)
     for pod_name in p.stop_pods:
@@ -435,30 +504,48 @@ def _execute(
             if e.status >= 500 or e.status == 429:
                 raise
             # Rejected by the apiserver (quota, missing PriorityClass, admission policy): the
-            # user has to act, so say so where they look; the handler retries later.
+            # user has to act, so say so where they look; the caller retries later. A partly
+            # created worker set is completed then, without counting a restart (see _failed).
             message = f"{CREATE_FAILED_PREFIX} {pod['metadata']['name']}: {e.message or e}"
+            refused: dict[str, Any] = {}
             if old_status.get("message") != message:
-                kube.patch_finetune(namespace, name, {"status": {"message": message}}, status=True)
+                refused["message"] = message
+            if _is_quota_refusal(e) and not st.condition_is_true(p.status.get("conditions"), QUOTA_EXCEEDED):
+                refused["conditions"] = st.set_condition(p.status.get("conditions"), QUOTA_EXCEEDED, True,
+                                                         "ExceededQuota", message, dt.datetime.now(dt.timezone.utc))
+            if refused:
+                kube.patch_finetune(namespace, name, {"status": refused}, status=True, resource_version=version)
                 if post_event:
-                    post_event(finetune, "Warning", "FailedCreate", message)
+                    post_event(finetune, "Warning", QUOTA_EXCEEDED if _is_quota_refusal(e) else "FailedCreate", message)
             raise
     for event in p.events:
         logger.info("%s %s/%s: %s", event.reason, namespace, name, event.message)
         if post_event:
             post_event(finetune, event.type, event.reason, event.message)
-    final_status = {k: v for k, v in p.status.items() if v is not None}
-    if p.scrape_pod:
-        url = scrape.metrics_url(p.scrape_pod, m.METRICS_PORT)
-        scraped = scrape.scrape(url, name, scrape_timeout) if url else None
-        if scraped and scraped.values:
-            updated = st.apply_trainer_metrics(final_status, scraped.as_status())
-            patch = status_patch(final_status, updated)
-            if patch:
-                kube.patch_finetune(namespace, name, {"status": patch}, status=True)
-            final_status = updated
     if operator_metrics:
         for counter in p.counters:
             operator_metrics.count_transition(counter)
-        operator_metrics.observe(namespace, name, final_status)
+        operator_metrics.observe(namespace, name, {k: v for k, v in p.status.items() if v is not None})
     if p.delete_finetune:
         kube.delete_finetune(namespace, name, meta["uid"])
+
+
+def record_scrape(
+    kube: kube_.Kube,
+    namespace: str,
+    name: str,
+    status: Mapping[str, Any],
+    scraped: scrape.TrainerMetrics | None,
+    operator_metrics: metrics_.OperatorMetrics | None,
+) -> Mapping[str, Any]:
+    """Write what rank 0's metrics say into the status (only the metric fields, so it needs no
+    precondition: nothing else writes them); returns the status with them."""
+    if not (scraped and scraped.values):
+        return status
+    updated = st.apply_trainer_metrics(status, scraped.as_status())
+    patch = status_patch(status, updated)
+    if patch:
+        kube.patch_finetune(namespace, name, {"status": patch}, status=True)
+    if operator_metrics:
+        operator_metrics.observe(namespace, name, {k: v for k, v in updated.items() if v is not None})
+    return updated

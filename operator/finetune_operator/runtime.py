@@ -1,56 +1,177 @@
-"""What the kopf handlers call: plain functions around ``reconcile`` plus the shared state
-(API client, metrics, settings) that main's startup handler configures once.
+"""What the kopf handlers call: plain functions around ``reconcile``, and the operator's state
+(API client, metrics, settings, per-FineTune locks, the scrape pool) that main's startup
+handler builds once and hands to every handler through kopf's ``memo``.
 
-Errors are translated for kopf here: API trouble is "not yet" (``kopf.TemporaryError``), an
-invalid spec is "never" (``kopf.PermanentError``, after the Failed condition was written).
+Reconciles work from what kopf already watches: the FineTune, its worker pods and its Service
+come from kopf indexes (``Cache``), not from API reads. Errors are translated for kopf here: API
+trouble is "not yet" (``kopf.TemporaryError``), an invalid spec is "never"
+(``kopf.PermanentError``, after the Failed condition was written).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
+import datetime as dt
 import logging
-import os
-from typing import Any, Mapping
+import threading
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import kopf
 import urllib3.exceptions
 
 from . import kube as kube_
+from . import manifests as m
 from . import metrics as metrics_
 from . import reconcile
+from . import scrape
+from . import status as st
 from . import validation
+
+if TYPE_CHECKING:
+    from .main import Options
 
 logger = logging.getLogger(__name__)
 
-RETRY_DELAY_SECONDS = 5.0
+Key = tuple[str, str]  # (namespace, FineTune name)
+# A daemon that waits for a far deadline looks at the (live) body again this often, so an
+# edited deadline or TTL is noticed; the look itself makes no API call.
+LONGEST_SLEEP_SECONDS = 300.0
+
+
+class Locks:
+    """One reconcile per FineTune at a time (handlers run in kopf's thread pool)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Key, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, key: Key) -> Iterator[None]:
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            yield
+
+    def forget(self, key: Key) -> None:
+        with self._guard:
+            self._locks.pop(key, None)
+
+
+# The status fields a scrape writes (see status.apply_trainer_metrics).
+SCRAPED_FIELDS = ("epoch", "epochs", "progress", "metrics", "gpuMemory", "bestMetrics")
+
+
+class ScrapePool:
+    """Scrapes rank 0 in a few threads of its own, never under a FineTune's lock and never in
+    kopf's handler threads: a slow or hostile endpoint costs at most one of these threads for
+    at most one scrape timeout, and only for its own FineTune (one scrape in flight each)."""
+
+    def __init__(self, workers: int, timeout: float):
+        self.timeout = timeout
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scrape")
+        self._in_flight: set[Key] = set()
+        # What this operator last wrote, newer than a cached status that has not caught up.
+        self._written: dict[Key, dict[str, Any]] = {}
+        self._guard = threading.Lock()
+
+    def submit(self, rt: "Runtime", key: Key, url: str, status: Mapping[str, Any]) -> bool:
+        with self._guard:
+            if key in self._in_flight:
+                return False
+            self._in_flight.add(key)
+        self._pool.submit(self._scrape, rt, key, url, dict(status))
+        return True
+
+    def _scrape(self, rt: "Runtime", key: Key, url: str, status: dict[str, Any]) -> None:
+        namespace, name = key
+        try:
+            scraped = scrape.scrape(url, name, self.timeout)
+            with self._guard:
+                status.update(self._written.get(key, {}))
+            updated = reconcile.record_scrape(rt.kube, namespace, name, status, scraped, rt.metrics)
+            with self._guard:
+                self._written[key] = {k: updated[k] for k in SCRAPED_FIELDS if k in updated}
+        except Exception as e:  # noqa: BLE001 - a failed scrape only means no fresh metrics this time
+            logger.warning("scraping %s/%s at %s failed: %s", namespace, name, url, e)
+        finally:
+            with self._guard:
+                self._in_flight.discard(key)
+
+    def forget(self, key: Key) -> None:
+        with self._guard:
+            self._written.pop(key, None)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclasses.dataclass
 class Runtime:
     kube: kube_.Kube
     metrics: metrics_.OperatorMetrics
-    default_image: str | None = None
-    scrape_timeout: float = 2.0
+    options: "Options"
+    scrapes: ScrapePool
     allowed_volume_types: tuple[str, ...] = validation.DEFAULT_ALLOWED_VOLUME_TYPES
     # None: no NetworkPolicy per FineTune; else the peers that may reach the metrics port.
     network_policy_metrics_from: list[dict[str, Any]] | None = None
+    locks: Locks = dataclasses.field(default_factory=Locks)
 
 
-_runtime: Runtime | None = None
+@dataclasses.dataclass
+class Cache:
+    """kopf's indexes of what the operator watches (see handlers.py), read under the lock."""
+
+    finetunes: Mapping[Key, Any]
+    worker_pods: Mapping[Key, Any]
+    services: Mapping[Key, Any]
+
+    def observe(self, key: Key) -> tuple[dict[str, Any] | None, list[dict[str, Any]], bool]:
+        finetune = next(iter(self.finetunes.get(key, ())), None)
+        return finetune, list(self.worker_pods.get(key, ())), key in self.services
 
 
-def configure(runtime: Runtime) -> None:
-    global _runtime
-    _runtime = runtime
+# --- what the indexes keep: only the fields the reconciler reads -----------------------------------------
+
+def finetune_entry(body: Mapping[str, Any]) -> dict[str, Any]:
+    meta = body["metadata"]
+    annotations = meta.get("annotations") or {}
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {
+            "name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
+            "generation": meta.get("generation"), "resourceVersion": meta.get("resourceVersion"),
+            "deletionTimestamp": meta.get("deletionTimestamp"),
+            "annotations": {k: v for k, v in annotations.items() if k == m.ANNOTATION_APPLIED_SPEC},
+        },
+        "spec": dict(body.get("spec") or {}),
+        "status": dict(body.get("status") or {}),
+    }
 
 
-def get() -> Runtime:
-    global _runtime
-    if _runtime is None:  # handlers fired before startup finished (or a test imported them)
-        _runtime = Runtime(kube=kube_.shared(), metrics=metrics_.default(),
-                           default_image=os.environ.get("FINETUNE_TRAINER_IMAGE") or None)
-    return _runtime
+def pod_entry(body: Mapping[str, Any]) -> dict[str, Any]:
+    meta, status = body["metadata"], body.get("status") or {}
+    return {
+        "metadata": {
+            "name": meta["name"], "uid": meta.get("uid"), "labels": dict(meta.get("labels") or {}),
+            "deletionTimestamp": meta.get("deletionTimestamp"),
+            "ownerReferences": [{"uid": ref.get("uid")} for ref in meta.get("ownerReferences") or []],
+        },
+        "spec": {"activeDeadlineSeconds": (body.get("spec") or {}).get("activeDeadlineSeconds")},
+        "status": {
+            "phase": status.get("phase"), "reason": status.get("reason"), "message": status.get("message"),
+            "podIP": status.get("podIP"),
+            "conditions": [c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"],
+            "containerStatuses": [{"name": c.get("name"), "state": c.get("state"), "lastState": c.get("lastState")}
+                                  for c in status.get("containerStatuses") or []],
+        },
+    }
 
+
+# --- reconciling ---------------------------------------------------------------------------------------
 
 def post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
     """A Kubernetes Event on the FineTune (via kopf's poster, which honours posting.level)."""
@@ -63,46 +184,106 @@ def post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -
         pass
 
 
-def _reconcile(handler: str, namespace: str, name: str) -> reconcile.Plan | None:
-    runtime = get()
-    with runtime.metrics.time_handler(handler):
+def _reconcile(rt: Runtime, handler: str, key: Key, cache: Cache,
+               body: Mapping[str, Any] | None = None) -> reconcile.Plan | None:
+    namespace, name = key
+    with rt.metrics.time_handler(handler), rt.locks.hold(key):
+        finetune, pods, service_exists = cache.observe(key)
+        finetune = finetune or (finetune_entry(body) if body else None)
+        if finetune is None:
+            return None
         try:
-            return reconcile.reconcile(
-                runtime.kube, namespace, name,
-                post_event=post_event, operator_metrics=runtime.metrics,
-                default_image=runtime.default_image, scrape_timeout=runtime.scrape_timeout,
-                allowed_volume_types=runtime.allowed_volume_types,
-                network_policy_metrics_from=runtime.network_policy_metrics_from,
+            result = reconcile.reconcile(
+                rt.kube, finetune, pods, service_exists,
+                post_event=post_event, operator_metrics=rt.metrics, default_image=rt.options.trainer_image,
+                allowed_volume_types=rt.allowed_volume_types,
+                network_policy_metrics_from=rt.network_policy_metrics_from,
             )
         except kube_.KubeError as e:
             raise kopf.TemporaryError(f"API error while reconciling {namespace}/{name}: {e}",
-                                      delay=RETRY_DELAY_SECONDS) from e
+                                      delay=rt.options.retry_delay) from e
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise kopf.TemporaryError(f"API unreachable while reconciling {namespace}/{name}: {e}",
-                                      delay=RETRY_DELAY_SECONDS) from e
+                                      delay=rt.options.retry_delay) from e
+        if result is not None and result.scrape_pod:
+            url = scrape.metrics_url(result.scrape_pod, m.METRICS_PORT)
+            if url:
+                rt.scrapes.submit(rt, key, url, result.status)
+        return result
 
 
-def reconcile_change(handler: str, namespace: str, name: str) -> None:
-    """create/resume/update: like the timer, but an invalid spec fails the handler for good."""
-    result = _reconcile(handler, namespace, name)
+def reconcile_change(rt: Runtime, handler: str, key: Key, cache: Cache, body: Mapping[str, Any]) -> None:
+    """create/resume/update: an invalid spec fails the handler for good; kopf retries the rest."""
+    result = _reconcile(rt, handler, key, cache, body)
     # Only when this call made the transition: later events on a failed FineTune stay quiet.
     if result is not None and result.validation_failed and "failed" in result.counters:
         raise kopf.PermanentError(result.status.get("message") or "invalid spec")
 
 
-def reconcile_periodically(namespace: str, name: str) -> None:
-    _reconcile("timer", namespace, name)
-
-
-def reconcile_owner_of_pod(namespace: str, finetune_name: str) -> None:
-    """A worker pod changed: its FineTune's status may have to follow at once."""
+def reconcile_owner_of_pod(rt: Runtime, key: Key, cache: Cache) -> None:
+    """A worker pod changed: its FineTune's status may have to follow at once. kopf does not
+    retry event handlers, so a failure is retried here, once, after the retry delay."""
     try:
-        _reconcile("pod-event", namespace, finetune_name)
+        _reconcile(rt, "pod-event", key, cache)
     except kopf.TemporaryError as e:
-        logger.warning("%s (the timer will retry)", e)
+        logger.warning("%s (retrying in %.0fs)", e, rt.options.retry_delay)
+        retry = threading.Timer(rt.options.retry_delay, _reconcile_quietly, (rt, "retry", key, cache))
+        retry.daemon = True
+        retry.start()
 
 
-def forget_finetune(namespace: str, name: str) -> None:
+def _reconcile_quietly(rt: Runtime, handler: str, key: Key, cache: Cache) -> None:
+    try:
+        _reconcile(rt, handler, key, cache)
+    except kopf.TemporaryError as e:
+        logger.warning("%s", e)
+
+
+# --- the clock: the only periodic work, and only where something is due --------------------------------------
+
+def seconds_until_due(body: Mapping[str, Any], now: dt.datetime) -> float | None:
+    """When the FineTune needs a reconcile without any event: 0 while it runs (metrics) or
+    waits to retry a refused pod; the seconds to its active deadline or its TTL; None if never
+    (Pending, Suspended, or finished without a TTL)."""
+    spec, status = body.get("spec") or {}, body.get("status") or {}
+    phase = status.get("phase")
+    if phase == st.RUNNING or str(status.get("message") or "").startswith(reconcile.CREATE_FAILED_PREFIX):
+        return 0.0
+    if phase in st.TERMINAL_PHASES:
+        ttl, completed = spec.get("ttlSecondsAfterFinished"), st.parse_timestamp(status.get("completionTime"))
+        if ttl is None or completed is None:
+            return None
+        return max(0.0, (completed + dt.timedelta(seconds=int(ttl)) - now).total_seconds())
+    deadline, started = spec.get("activeDeadlineSeconds"), st.parse_timestamp(status.get("startTime"))
+    if phase in (st.PENDING, st.RESTARTING) and deadline and started:
+        return max(0.0, (started + dt.timedelta(seconds=int(deadline)) - now).total_seconds())
+    return None
+
+
+def has_clock(body: Mapping[str, Any]) -> bool:
+    return seconds_until_due(body, dt.datetime.now(dt.timezone.utc)) is not None
+
+
+async def run_clock(rt: Runtime, key: Key, body: Mapping[str, Any], stopped: Any, cache: Cache) -> None:
+    """Sleep until the FineTune is due (``body`` is kopf's live view of it), reconcile, repeat.
+
+    kopf stops this daemon when ``has_clock`` no longer matches and starts it again when it does;
+    so a Pending or finished FineTune has no clock at all, and a daemon never returns on its own
+    (kopf would never restart it)."""
+    while not stopped:
+        due = seconds_until_due(body, dt.datetime.now(dt.timezone.utc))
+        if due is None:
+            await stopped.wait()
+            return
+        if due > 0:
+            await stopped.wait(min(due, LONGEST_SLEEP_SECONDS))
+            continue
+        await asyncio.to_thread(_reconcile_quietly, rt, "clock", key, cache)
+        await stopped.wait(rt.options.poll_interval)
+
+
+def forget_finetune(rt: Runtime, key: Key) -> None:
     """The FineTune is being deleted: its pods and Service go by garbage collection."""
-    get().metrics.forget(namespace, name)
-    reconcile.forget(namespace, name)
+    rt.metrics.forget(*key)
+    rt.locks.forget(key)
+    rt.scrapes.forget(key)

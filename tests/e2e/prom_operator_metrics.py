@@ -31,7 +31,7 @@ def main() -> int:
     with open(args.state) as f:
         state = json.load(f)
 
-    m = metrics_.default()
+    m = metrics_.OperatorMetrics()
     for handler, count in (state.get("handlers") or {}).items():
         for _ in range(int(count)):
             with m.time_handler(handler):

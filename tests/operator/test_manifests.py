@@ -528,9 +528,24 @@ def test_immutable_spec_change_is_rejected_and_not_applied():
 
 def test_vanished_worker_of_a_started_run_restarts_everything():
     body, first = started(cpu_body())
+    body["status"] = reconcile.plan(body, with_status(first.create_pods, "Running", "Running"), True, NOW,
+                                    lambda: []).status
+    assert body["status"]["phase"] == "Running"
     pods = with_status(first.create_pods[:1], "Running")
     p = reconcile.plan(body, pods, True, NOW, lambda: [])
     assert p.status["phase"] == "Restarting" and "cpu-smoke-worker-1 failed, reason Deleted" in p.status["message"]
+    assert p.status["restarts"] == 1
+
+
+def test_partly_created_worker_set_is_completed_not_restarted():
+    """Pod 1 was refused (quota, webhook) or never POSTed (the operator died in between) while
+    pod 0 already runs: the set never ran as a whole, so nothing vanished."""
+    body, first = started(cpu_body())
+    pods = with_status(first.create_pods[:1], "Running")
+    p = reconcile.plan(body, pods, True, NOW, lambda: [])
+    assert p.status["phase"] == "Pending" and p.status["restarts"] == 0 and "restarts" not in p.counters
+    assert [pod["metadata"]["name"] for pod in p.create_pods] == ["cpu-smoke-worker-1"]
+    assert not p.delete_pods
 
 
 # --- operator metrics ------------------------------------------------------------------------------------

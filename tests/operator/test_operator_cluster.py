@@ -11,23 +11,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-CRD = REPO / "crds" / "finetune.dev_finetunes.yaml"
+from support import REPO, free_port, wait_for  # noqa: F401 (wait_for: also for tests/e2e)
+from support.chart import OPERATOR_NAMESPACE, RELEASE, install_crd_and_chart_rbac  # noqa: F401 (e2e, demo)
+
 SAMPLES_DIR = REPO / "crds" / "samples"
-CHART = REPO / "charts" / "finetune-operator"
-OPERATOR_NAMESPACE = "finetune-system"
-RELEASE = "ft-test"
 TIMEOUT = 30.0
 # The garbage collector learns about new CRDs by re-discovery every 30s; right after the CRD is
 # installed it may take that long before it deletes a FineTune's dependents.
@@ -35,23 +32,6 @@ GC_TIMEOUT = 75.0
 
 
 # --- helpers ----------------------------------------------------------------------------------------
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = TIMEOUT, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def sample(name: str) -> dict[str, Any]:
     return yaml.safe_load((SAMPLES_DIR / name).read_text())
@@ -158,28 +138,6 @@ class Operator:
 
 
 # --- fixtures -----------------------------------------------------------------------------------------
-
-def install_crd_and_chart_rbac(cp, token_duration: str = "1h", values: dict | None = None,
-                               release: str = RELEASE) -> Path:
-    """CRD installed; the chart's ServiceAccount + ClusterRole(Binding) (rendered with ``values``
-    as ``release``); a token kubeconfig for it.
-
-    Also used by tests/e2e and tests/cluster/cluster_demo.py, which load this module by path."""
-    import helm_python as helm
-    cp.kubectl("apply", "-f", str(CRD))
-    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunes.finetune.dev")
-    cp.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
-    with helm.Chart.load(CHART) as chart:
-        rendered = chart.render(values or {}, name=release, namespace=OPERATOR_NAMESPACE, is_install=True)
-    rbac_kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
-    objects = [doc for path, text in rendered.items() if not path.endswith("NOTES.txt")
-               for doc in yaml.safe_load_all(text) if doc and doc["kind"] in rbac_kinds]
-    assert {o["kind"] for o in objects} >= {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
-    cp.apply(objects, namespace=OPERATOR_NAMESPACE)
-    account = next(o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount")
-    return cp.kubeconfig_for_token(cp.create_token(OPERATOR_NAMESPACE, account, duration=token_duration),
-                                   name="finetune-operator")
-
 
 @pytest.fixture(scope="module")
 def operator_kubeconfig(control_plane) -> Path:
