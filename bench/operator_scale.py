@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime as dt
-import importlib.util
 import json
 import os
 import statistics
@@ -50,18 +49,11 @@ IDLE_REQUESTS_PER_SECOND_TARGET = 1.0
 IDLE_RSS_TARGET_MIB = 150
 
 
-def _load(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(REPO / "tests"))
+from support import load_module  # noqa: E402
 
-
-cpm = _load("finetune_tests_control_plane", REPO / "tests" / "cluster" / "control_plane.py")
-oh = _load("finetune_tests_operator_cluster", REPO / "tests" / "operator" / "test_operator_cluster.py")
+cpm = load_module("finetune_tests_control_plane", REPO / "tests" / "cluster" / "control_plane.py")
+oh = load_module("finetune_tests_operator_cluster", REPO / "tests" / "operator" / "test_operator_cluster.py")
 
 
 def say(message: str) -> None:

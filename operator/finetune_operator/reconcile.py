@@ -485,7 +485,9 @@ def _execute(
         version = kube.patch_finetune(namespace, name, {"metadata": {"annotations": p.annotations}},
                                       resource_version=version)
     patch = status_patch(old_status, p.status)
-    if patch:
+    acts = p.delete_pods or p.stop_pods or p.create_pods or p.delete_finetune
+    if patch or (acts and version):
+        # Even with nothing to record, acting on pods checks first that the plan's copy is current.
         version = kube.patch_finetune(namespace, name, {"status": patch}, status=True, resource_version=version)
     for pod_name, uid in p.delete_pods:
         kube.delete(namespace, "pods", pod_name, uid or None)

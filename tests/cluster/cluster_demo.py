@@ -8,7 +8,12 @@ operator as the chart's ServiceAccount, makes the synthetic dataset and output P
 it finishes. Prometheus (Debian's, if installed) scrapes the trainers and the operator.
 Then it prints where everything is and keeps running until Ctrl-C, which cleans it all up.
 
-    sudo .venv/bin/python tests/cluster/cluster_demo.py [--exit-when-done] [--no-prometheus]
+    sudo .venv/bin/python tests/cluster/cluster_demo.py [--exit-when-done] [--no-prometheus] [--venv]
+
+The worker pods run from the built trainer image (docker/images.py builds it first, or finds
+it cached): the node agent's image mode runs each under runc as the pod's securityContext
+says. The sample is applied with ``spec.image`` set to that local image. ``--venv`` runs them
+from the checkout's virtualenv instead (no image build).
 
 Needs root (network namespaces), like the node agent.
 """
@@ -16,7 +21,6 @@ Needs root (network namespaces), like the node agent.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -31,14 +35,8 @@ SAMPLE = REPO / "crds" / "samples" / "finetune-cpu-smoke.yaml"
 NAMESPACE = "default"
 
 
-def _load(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(REPO / "tests"))
+from support import load_module as _load  # noqa: E402
 
 
 def say(msg: str) -> None:
@@ -58,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exit-when-done", action="store_true", help="clean up and exit when the FineTune finishes")
     ap.add_argument("--no-prometheus", action="store_true", help="do not start Prometheus")
     ap.add_argument("--workdir", help="where the dataset and results go (default: a new temp dir, kept)")
+    ap.add_argument("--venv", action="store_true", help="run the pods from .venv instead of the trainer image")
     args = ap.parse_args(argv)
 
     cpm = _load("finetune_tests_control_plane", HERE / "control_plane.py")
@@ -70,12 +69,19 @@ def main(argv: list[str] | None = None) -> int:
     watcher = None
     try:
         say("starting the control plane (builds the binaries once, ~5-10 min, then cached) ...")
+        trainer_image = None
+        if not args.venv:
+            images = _load("finetune_tests_images", REPO / "docker" / "images.py")
+            say("building the trainer image (or finding it cached by its inputs' hash) ...")
+            trainer_image = images.build("trainer")
+            say(f"trainer image {trainer_image}")
         cp = cpm.ControlPlane(keep=False)
         cp.start()
         say(f"control plane v{cpm.K8S_VERSION} up in {cp.startup_seconds:.1f}s at {cp.server}")
         agent = na.NodeAgent(cp, [na.NodeSpec("demo-node-0", cpu="4", memory="8Gi"),
                                   na.NodeSpec("demo-node-1", cpu="4", memory="8Gi")],
-                             workdir=workdir / "node-agent").start()  # kept: pod logs
+                             workdir=workdir / "node-agent",  # kept: pod logs
+                             image_mode=trainer_image is not None).start()
         say(f"node agent: nodes demo-node-0, demo-node-1; pod network {agent.bridge} {agent.bridge_ip}/16; "
             f"pod logs under {agent.dir}/pods")
         operator = install_operator(cp, oh, workdir)
@@ -96,8 +102,15 @@ def main(argv: list[str] | None = None) -> int:
             sd.set_operator(f"127.0.0.1:{operator.metrics_port}", namespace=oh.OPERATOR_NAMESPACE)
             prom = pm.PrometheusServer(sd).start()
             say(f"Prometheus UI: {prom.url}  (try: finetune_map50, finetune_operator_finetunes)")
-        cp.kubectl("-n", NAMESPACE, "apply", "-f", str(SAMPLE))
-        say(f"applied {SAMPLE.relative_to(REPO)}; kubectl get ft -w:")
+        if trainer_image:
+            import yaml
+            body = yaml.safe_load(SAMPLE.read_text())
+            body["spec"]["image"] = trainer_image
+            cp.kubectl("-n", NAMESPACE, "apply", "-f", "-", input=json.dumps(body))
+            say(f"applied {SAMPLE.relative_to(REPO)} with spec.image {trainer_image}; kubectl get ft -w:")
+        else:
+            cp.kubectl("-n", NAMESPACE, "apply", "-f", str(SAMPLE))
+            say(f"applied {SAMPLE.relative_to(REPO)}; kubectl get ft -w:")
         watcher = subprocess.Popen(["kubectl", "--kubeconfig", str(cp.kubeconfig), "-n", NAMESPACE,
                                     "get", "ft", "-w"])
         phase = ""
@@ -111,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         status = ft["status"]
         say(f"FineTune cpu-smoke {phase}: {status.get('message', '')}")
         say(f"results: {runs / 'cpu-smoke'} ({', '.join(sorted(p.name for p in (runs / 'cpu-smoke').glob('*')))})")
+        for pod in ("cpu-smoke-worker-0", "cpu-smoke-worker-1"):
+            got = json.loads(cp.kubectl("-n", NAMESPACE, "get", "pod", pod, "-o", "json").stdout)
+            state = got["status"]["containerStatuses"][0]
+            say(f"{pod}: image {state['image']} ({state.get('imageID') or 'no image: venv'}), "
+                f"container {state.get('containerID', '')}")
         say(f"worker logs: {agent.log_path(NAMESPACE, 'cpu-smoke-worker-0')}, "
             f"{agent.log_path(NAMESPACE, 'cpu-smoke-worker-1')}")
         say(f"operator log: {operator.log_path}")

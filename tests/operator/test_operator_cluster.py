@@ -99,8 +99,9 @@ class Cluster:
 class Operator:
     """The operator as a subprocess; start/stop/kill like a Deployment's pod would."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path):
+    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, env: dict[str, str] | None = None):
         self.kubeconfig, self.namespace, self.log_path = kubeconfig, namespace, log_path
+        self.extra_env = env or {}
         self.metrics_port = free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -112,6 +113,7 @@ class Operator:
             "FINETUNE_OPERATOR_SCRAPE_TIMEOUT": "0.2",
             "FINETUNE_OPERATOR_METRICS_PORT": str(self.metrics_port),
             "FINETUNE_TRAINER_IMAGE": "trainer.test/finetune:dev",
+            **self.extra_env,
         }
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
