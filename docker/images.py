@@ -376,6 +376,8 @@ def oci_spec(root: Path, args: list[str], *, uid: int, gid: int, env: list[str],
         "ociVersion": "1.0.2-dev",
         "process": {"terminal": False, "user": {"uid": uid, "gid": gid, "additionalGids": list(supplementary_gids)},
                     "args": args, "env": env, "cwd": cwd,
+                    # No rlimits: the container inherits the runtime's, as under containerd
+                    # (raising RLIMIT_NOFILE above this host's hard limit fails the start).
                     "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
                     "noNewPrivileges": no_new_privileges},
         "root": {"path": str(root), "readonly": readonly_root},
@@ -394,6 +396,14 @@ def image_env(ref: str, extra: dict[str, str] | None = None) -> list[str]:
 def runc_command(spec: dict, bundle: Path, container_id: str | None = None) -> list[str]:
     """Write ``spec`` as bundle/config.json; return the ``runc run`` command (foreground)."""
     bundle.mkdir(parents=True, exist_ok=True)
+    if not any(m["destination"] == "/etc/hosts" for m in spec["mounts"]):
+        # As every runtime does: the container's hostname resolves. Without it torchrun's
+        # rendezvous retries forever in a network namespace with only loopback.
+        hosts = bundle / "hosts"
+        hosts.write_text(f"127.0.0.1\tlocalhost {spec['hostname']}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+        hosts.chmod(0o644)
+        spec = {**spec, "mounts": [*spec["mounts"], {"destination": "/etc/hosts", "type": "bind",
+                                                      "source": str(hosts), "options": ["rbind", "ro"]}]}
     (bundle / "config.json").write_text(json.dumps(spec, indent=1))
     container_id = container_id or f"finetune-{uuid.uuid4().hex[:12]}"
     return ["runc", "--root", str(RUNC_ROOT), "run", "--bundle", str(bundle), container_id]

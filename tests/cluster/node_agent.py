@@ -36,7 +36,20 @@ dir, and mount-point dirs such as ``/data`` that it had to create on the host) a
 under ``/run/finetune-node-agent/<id>/``; :meth:`NodeAgent.stop` (also atexit, SIGTERM, SIGHUP)
 removes it all, and every start sweeps what a killed run (dead owner pid) left behind.
 
-Needs root, ``ip`` (iproute2), ``unshare``/``setpriv`` (util-linux) and the kubernetes client.
+Image mode (``NodeAgent(..., image_mode=True)``): each pod's ``image:`` is resolved against the
+local image store of docker/images.py (``make images``) and its container runs with ``runc``
+from that image's root filesystem (unpacked once per image; a per-pod overlay on top, so pods
+never see each other's writes), in the same per-pod network namespace, ``/etc/hosts``, volumes
+and private ``/tmp``. The pod's ``securityContext`` becomes the OCI spec: ``runAsUser``/
+``runAsGroup``/``fsGroup``/``supplementalGroups``, ``allowPrivilegeEscalation: false`` ->
+no-new-privileges, ``capabilities`` add/drop on the runtime's default set, ``seccompProfile:
+RuntimeDefault`` -> Debian's /usr/share/containers/seccomp.json, ``readOnlyRootFilesystem``.
+``command``/``args`` override the image's ENTRYPOINT/CMD; the image's Env comes first. A pod
+whose image is not in the store stays Pending with ``ErrImageNeverPull``, as a kubelet with
+``imagePullPolicy: Never`` reports it: never a fall-back to the virtualenv.
+
+Needs root, ``ip`` (iproute2), ``unshare``/``setpriv`` (util-linux) and the kubernetes client;
+image mode also ``runc`` and buildah (docker/images.py installs them).
 
     agent = NodeAgent(control_plane, nodes=[NodeSpec("node-a"), NodeSpec("node-b")]).start()
     agent.log_path("ns", "pod")         # the container's output
@@ -321,6 +334,9 @@ class PodRun:
     torn_down: bool = False
     container: str = ""
     image: str = ""
+    image_id: str = ""                    # image mode: the local image's id
+    rootfs: str = ""                      # image mode: the per-pod overlay mount
+    runc_id: str = ""
 
 
 class NodeAgent:
@@ -329,8 +345,11 @@ class NodeAgent:
     def __init__(self, control_plane, nodes: Iterable[NodeSpec | str] = ("node-0",), *,
                  workdir: str | Path | None = None, grace_cap: float = 10.0, poll_interval: float = 0.3,
                  heartbeat_interval: float = 10.0, venv: str | Path | None = None, keep: bool | None = None,
-                 namespaces: Iterable[str] | None = None):
+                 namespaces: Iterable[str] | None = None, image_mode: bool = False):
         self.cp = control_plane
+        self.image_mode = image_mode
+        self.images = _images_module() if image_mode else None
+        self._never_pulled: set[str] = set()   # pod uids reported ErrImageNeverPull
         # None: run every pod bound to our nodes. A set: only pods of these namespaces (see serve()).
         self.namespaces: set[str] | None = set(namespaces) if namespaces is not None else None
         self.nodes = [n if isinstance(n, NodeSpec) else NodeSpec(n) for n in nodes]
@@ -368,7 +387,10 @@ class NodeAgent:
         for tool in ("ip", "unshare", "setpriv", "mount"):
             if not shutil.which(tool):
                 raise NodeAgentError(f"{tool} not found: apt-get install -y iproute2 util-linux mount")
-        check_venv_for_user(self.venv / "bin" / "python")
+        if self.image_mode:
+            self.images.ensure_host_packages()
+        else:
+            check_venv_for_user(self.venv / "bin" / "python")
         STATE_ROOT.mkdir(parents=True, exist_ok=True)
         sweep_leftovers()
         self.state_dir.mkdir(parents=True)
@@ -793,14 +815,16 @@ class NodeAgent:
             except OSError:
                 pass
 
-    def _env(self, pod: dict, container: dict, ip: str) -> dict[str, str]:
+    def _env(self, pod: dict, container: dict, ip: str, base: dict[str, str] | None = None) -> dict[str, str]:
+        """The container's environment; ``base`` (image mode: the image's Env and HOME) replaces
+        the venv's PATH and HOME=/tmp."""
         md, spec = pod["metadata"], pod["spec"]
         ns = md["namespace"]
-        env: dict[str, str] = {
+        env: dict[str, str] = dict(base) if base is not None else {
             "PATH": f"{self.venv / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "HOSTNAME": spec.get("hostname") or md["name"],
             "HOME": "/tmp",
         }
+        env["HOSTNAME"] = spec.get("hostname") or md["name"]
         resources = container.get("resources") or {}
         node = next(n for n in self.nodes if n.name == spec["nodeName"])
         node_alloc = {"cpu": node.cpu, "memory": node.memory, "ephemeral-storage": "100Gi"}
@@ -888,6 +912,12 @@ class NodeAgent:
         fs_group = psc.get("fsGroup")
         if csc.get("runAsNonRoot", psc.get("runAsNonRoot")) and not run_as_user:
             raise NodeAgentError("container has runAsNonRoot and would run as root")
+        image_id = ""
+        if self.image_mode:
+            image_id = self.images.image_id(container.get("image", "")) or ""
+            if not image_id:
+                self._report_never_pull(pod, container)
+                raise _NotReady(f"image {container.get('image')!r} not present")
         pod_dir = self.dir / "pods" / ns / f"{name}-{uid[:8]}"
         vol_dir = pod_dir / "volumes"
         # volumes first: an unbound PVC / missing ConfigMap defers the start (_NotReady)
@@ -902,7 +932,7 @@ class NodeAgent:
         ip = self._alloc_ip()
         run = PodRun(ns, name, uid, spec["nodeName"], spec.get("hostname") or name, spec.get("subdomain") or "",
                      netns, veth, ip, pod_dir, pod_dir / "container.log", container=container["name"],
-                     image=container.get("image", ""))
+                     image=container.get("image", ""), image_id=image_id)
         run.start_time = time.time()
         started = _now()
         run.started_at = started
@@ -928,10 +958,14 @@ class NodeAgent:
                     src.mkdir(parents=True, exist_ok=True)
                 mounts.append((m["mountPath"], src, bool(m.get("readOnly"))))
             mounts.sort(key=lambda t: t[0].rstrip("/").count("/"))
-            self._make_mountpoints([t[0] for t in mounts])
+            if not self.image_mode:  # in image mode runc makes them inside the container's root
+                self._make_mountpoints([t[0] for t in mounts])
             tmp = pod_dir / "tmp"
             tmp.mkdir(parents=True, exist_ok=True)
             tmp.chmod(0o1777)
+            if self.image_mode:
+                self._start_container(run, pod, container, mounts, tmp)
+                raise _Started
             env = self._env(pod, container, ip)
             command = [_expand(a, env) for a in (container.get("command") or []) + (container.get("args") or [])]
             if not container.get("command"):
@@ -974,19 +1008,101 @@ class NodeAgent:
                      "--", "/bin/sh", str(pod_dir / "init.sh")],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                     cwd="/")
+        except _Started:
+            pass
         except BaseException:
             self._teardown(run)
             raise
         now = _now()
+        container_id = f"runc://{run.runc_id}" if run.runc_id else f"node-agent://{netns}"
         self._patch_status(ns, name, {
             "phase": "Running", "hostIP": self.bridge_ip, "podIP": ip, "podIPs": [{"ip": ip}], "startTime": started,
             "conditions": [{"type": "Initialized", "status": "True", "lastTransitionTime": started},
                            {"type": "Ready", "status": "True", "lastTransitionTime": now},
                            {"type": "ContainersReady", "status": "True", "lastTransitionTime": now},
                            {"type": "PodScheduled", "status": "True"}],
-            "containerStatuses": [{"name": container["name"], "image": run.image, "imageID": "",
-                                   "containerID": f"node-agent://{netns}", "ready": True, "started": True,
+            "containerStatuses": [{"name": container["name"], "image": run.image, "imageID": run.image_id,
+                                   "containerID": container_id, "ready": True, "started": True,
                                    "restartCount": 0, "state": {"running": {"startedAt": now}}}]})
+
+    def _report_never_pull(self, pod: dict, container: dict) -> None:
+        """What a kubelet reports for imagePullPolicy Never and no such image: the pod stays
+        Pending, its container waiting; it starts if the image appears later."""
+        md = pod["metadata"]
+        if md["uid"] in self._never_pulled:
+            return
+        self._never_pulled.add(md["uid"])
+        image = container.get("image", "")
+        self._patch_status(md["namespace"], md["name"], {
+            "phase": "Pending", "hostIP": self.bridge_ip, "startTime": _now(),
+            "conditions": [{"type": "PodScheduled", "status": "True"},
+                           {"type": "Initialized", "status": "True"},
+                           {"type": "Ready", "status": "False", "reason": "ContainersNotReady"},
+                           {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady"}],
+            "containerStatuses": [{"name": container["name"], "image": image, "imageID": "", "ready": False,
+                                   "restartCount": 0, "started": False, "state": {"waiting": {
+                                       "reason": "ErrImageNeverPull",
+                                       "message": f'Container image "{image}" is not present with pull policy '
+                                                  f'of Never'}}}]})
+
+    def _start_container(self, run: PodRun, pod: dict, container: dict, mounts: list[tuple[str, Path, bool]],
+                         tmp: Path) -> None:
+        """Image mode: the container under runc, from its image, in the pod's namespaces."""
+        images = self.images
+        spec, ns = pod["spec"], pod["metadata"]["namespace"]
+        psc = spec.get("securityContext") or {}
+        csc = container.get("securityContext") or {}
+        config = images.image_config(run.image_id)
+        # A writable layer per pod over the shared, unpacked image (as a runtime's snapshotter).
+        lower = images.rootfs(run.image_id)
+        for sub in ("upper", "work", "rootfs"):
+            (run.dir / sub).mkdir(parents=True, exist_ok=True)
+        _run("mount", "-t", "overlay", "overlay", "-o",
+             f"lowerdir={lower},upperdir={run.dir / 'upper'},workdir={run.dir / 'work'}", str(run.dir / "rootfs"))
+        run.rootfs = str(run.dir / "rootfs")
+        uid_ = int(csc.get("runAsUser", psc.get("runAsUser", _image_uid(config))))
+        gid_ = int(csc.get("runAsGroup", psc.get("runAsGroup", _image_gid(config, uid_))))
+        groups = [int(g) for g in psc.get("supplementalGroups") or []]
+        if psc.get("fsGroup") is not None:
+            groups.insert(0, int(psc["fsGroup"]))
+        base = dict(item.split("=", 1) for item in config.get("Env") or [])
+        base.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        base["HOME"] = _passwd_home(Path(lower), uid_)
+        env = self._env(pod, container, run.ip, base=base)
+        if container.get("command"):
+            command = container["command"] + (container.get("args") or [])
+        else:
+            command = (config.get("Entrypoint") or []) + (container.get("args") or config.get("Cmd") or [])
+        command = [_expand(a, env) for a in command]
+        if not command:
+            raise NodeAgentError(f"image {run.image} has no ENTRYPOINT/CMD and the container no command")
+        caps = list(images.DEFAULT_CAPS)
+        wanted = csc.get("capabilities") or {}
+        drop = {c.upper() for c in wanted.get("drop") or []}
+        caps = [] if "ALL" in drop else [c for c in caps if c.removeprefix("CAP_") not in drop]
+        caps += [f"CAP_{c.upper()}" for c in wanted.get("add") or [] if f"CAP_{c.upper()}" not in caps]
+        seccomp = (csc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type", "Unconfined")
+        if seccomp not in ("RuntimeDefault", "Unconfined"):
+            raise NodeAgentError(f"seccompProfile {seccomp} is not supported by the node agent")
+        binds = [(str(src), target, ro) for target, src, ro in mounts]
+        binds.append((f"/etc/netns/{run.netns}/hosts", "/etc/hosts", True))
+        if not any(t == "/tmp" or t.startswith("/tmp/") for t, _, _ in mounts):
+            binds.insert(0, (str(tmp), "/tmp", False))
+        oci = images.oci_spec(
+            Path(run.rootfs), command, uid=uid_, gid=gid_, supplementary_gids=groups, env=[
+                f"{k}={v}" for k, v in env.items()],
+            cwd=container.get("workingDir") or config.get("WorkingDir") or "/",
+            readonly_root=bool(csc.get("readOnlyRootFilesystem")), tmpfs=[], binds=binds, caps=caps,
+            # Kubernetes' default: privilege escalation allowed unless the pod says otherwise.
+            no_new_privileges=csc.get("allowPrivilegeEscalation") is False,
+            seccomp=seccomp == "RuntimeDefault", netns=f"/run/netns/{run.netns}", hostname=run.hostname)
+        run.runc_id = f"{run.netns}-{ns[:20]}"
+        (run.dir / "oci-config.json").write_text(json.dumps(oci, indent=1))
+        run.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(run.log, "ab") as log:
+            run.proc = subprocess.Popen(images.runc_command(oci, run.dir / "bundle", run.runc_id),
+                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        start_new_session=True, cwd="/")
 
     def _make_mountpoints(self, targets: list[str]) -> None:
         """Create mount points that the host lacks (mkdir is not namespaced); removed at stop."""
@@ -1075,7 +1191,8 @@ class NodeAgent:
         now = _now()
         term: dict[str, Any] = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
                                 "startedAt": run.started_at, "finishedAt": now,
-                                "containerID": f"node-agent://{run.netns}"}
+                                "containerID": f"runc://{run.runc_id}" if run.runc_id
+                                else f"node-agent://{run.netns}"}
         if exit_code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             term["message"] = self._log_tail(run)
         phase = "Succeeded" if exit_code == 0 and run.stop_reason != "DeadlineExceeded" else "Failed"
@@ -1085,8 +1202,8 @@ class NodeAgent:
             "conditions": [{"type": "Ready", "status": "False", "reason": done, "lastTransitionTime": now},
                            {"type": "ContainersReady", "status": "False", "reason": done,
                             "lastTransitionTime": now}],
-            "containerStatuses": [{"name": run.container, "image": run.image, "imageID": "",
-                                   "containerID": f"node-agent://{run.netns}", "ready": False, "started": False,
+            "containerStatuses": [{"name": run.container, "image": run.image, "imageID": run.image_id,
+                                   "containerID": term["containerID"], "ready": False, "started": False,
                                    "restartCount": 0, "state": {"terminated": term}}]}
         if run.stop_reason == "DeadlineExceeded":
             status["reason"] = "DeadlineExceeded"
@@ -1099,6 +1216,10 @@ class NodeAgent:
                 return
             run.torn_down = True
         _kill_netns(run.netns)
+        if run.runc_id:
+            _run("runc", "--root", str(self.images.RUNC_ROOT), "delete", "--force", run.runc_id, check=False)
+        if run.rootfs:
+            _run("umount", "--lazy", run.rootfs, check=False)
         _run("ip", "netns", "del", run.netns, check=False)
         _run("ip", "link", "del", run.veth, check=False)
         shutil.rmtree(f"/etc/netns/{run.netns}", ignore_errors=True)
@@ -1111,6 +1232,46 @@ class NodeAgent:
 
 class _NotReady(Exception):
     """A volume's source is not there yet: try again on the next sync."""
+
+
+class _Started(Exception):
+    """Image mode: the container was started by _start_container (skip the venv path)."""
+
+
+def _images_module():
+    """docker/images.py (the image store, rootfs and OCI spec helpers), loaded by path."""
+    import importlib.util
+    name = "finetune_tests_images"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "docker" / "images.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _image_uid(config: dict) -> int:
+    user = (config.get("User") or "0").split(":")[0]
+    if not user.isdigit():
+        raise NodeAgentError(f"image USER {user!r} is not numeric; set runAsUser")
+    return int(user)
+
+
+def _image_gid(config: dict, uid: int) -> int:
+    user = config.get("User") or ""
+    return int(user.split(":")[1]) if ":" in user and user.split(":")[1].isdigit() else uid
+
+
+def _passwd_home(root: Path, uid: int) -> str:
+    """HOME as a runtime sets it: the image's /etc/passwd entry for the uid, else /."""
+    try:
+        for line in (root / "etc" / "passwd").read_text().splitlines():
+            fields = line.split(":")
+            if len(fields) >= 6 and fields[2] == str(uid):
+                return fields[5] or "/"
+    except OSError:
+        pass
+    return "/"
 
 
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - manual use
