@@ -370,10 +370,27 @@ def test_non_distributed_loader_with_a_worker_is_reproducible(tmp_path):
     runs = []
     for _ in range(2):
         loader, sampler = build_dataloader(ds, batch_size=2, workers=1, shuffle=True, distributed=False, seed=5)
-        assert sampler is None and loader.persistent_workers
+        assert sampler.num_replicas == 1 and loader.persistent_workers
         runs.append([(images, targets) for images, targets, _ in loader])
     for (ia, ta), (ib, tb) in zip(*runs):
         assert torch.equal(ia, ib) and torch.equal(ta, tb)
+
+
+def test_an_epoch_resumed_part_way_skips_exactly_the_samples_already_seen(tmp_path):
+    ds = small_dataset(tmp_path, n=4)
+    for distributed, replicas in ((False, 1), (True, 2)):
+        loader, sampler = build_dataloader(ds, batch_size=1, workers=0, shuffle=True, distributed=distributed,
+                                           seed=3, num_replicas=replicas, rank=0)
+        sampler.set_epoch(5)
+        whole = list(sampler)
+        sampler.set_epoch(5, start=1)
+        assert list(sampler) == whole[1:] and len(loader) == len(whole) - 1
+        # The order of an epoch depends only on (seed, epoch): iterating other epochs first changes nothing.
+        for other in (0, 1, 2):
+            sampler.set_epoch(other)
+            list(sampler)
+        sampler.set_epoch(5)
+        assert list(sampler) == whole
 
 
 def test_grayscale_16bit_png_and_bmp_decode_to_rgb_uint8(tmp_path):

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .config import add_train_arguments
-from .errors import EXIT_USAGE, FinetuneError
+from .errors import EXIT_STOPPED, EXIT_USAGE, FinetuneError, Interrupted
 from .hyperparameters import BY_NAME as HYPERPARAMETERS
 
 
@@ -86,17 +86,23 @@ def run(argv: list[str] | None = None) -> int:
     raise AssertionError(args.command)
 
 
+def _rank_prefix() -> str:
+    rank = os.environ.get("RANK")
+    return f"[rank {rank}] " if rank not in (None, "0") else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
     except FinetuneError as exc:
-        rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"{prefix}error: {exc}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Interrupted as exc:  # SIGTERM, after the position was saved: retryable, resume continues
+        print(f"{_rank_prefix()}{exc}", file=sys.stderr)
+        return EXIT_STOPPED
 
 
 if __name__ == "__main__":

@@ -137,6 +137,15 @@ def all_gather_object(obj, info: DistInfo) -> list:
     return out
 
 
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when ``flag`` is true on any (one small all-reduce)."""
+    if not info.distributed:
+        return flag
+    value = torch.tensor([1 if flag else 0], device=info.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def all_reduce_mean(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.distributed:
         tensor = tensor.clone()

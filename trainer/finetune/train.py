@@ -12,8 +12,9 @@ import copy
 import logging
 import math
 import random
+import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -27,9 +28,9 @@ from .config import TrainConfig
 from .data.augment import images_to_float
 from .data.config import load_data_config
 from .data.dataset import YoloDataset, auto_workers, build_dataloader
-from .distributed import (DistInfo, all_gather_object, all_reduce_mean, barrier, broadcast_object, cleanup,
-                          init_distributed, set_cpu_threads)
-from .errors import FinetuneError
+from .distributed import (DistInfo, all_gather_object, all_reduce_mean, any_rank, barrier, broadcast_object,
+                          cleanup, init_distributed, set_cpu_threads)
+from .errors import FinetuneError, Interrupted
 from .evaluate import evaluate
 from .freeze import freeze_modules, set_train_mode, unwrap_model
 from .loss import YoloLoss
@@ -167,6 +168,44 @@ class RunState:
     wall_time_s: float = 0.0
 
 
+# --------------------------------------------------------------------------- graceful stop
+class StopSignal:
+    """SIGTERM (pod deletion for suspend, preemption, eviction, drain) sets a flag; the ranks
+    agree on it at optimizer-step boundaries, one small all-reduce each, so every rank stops
+    after the same step and no accumulated gradient is lost."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def install(self) -> None:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (a test driving train() from a thread)
+            self._previous = None
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def agreed(self, info: DistInfo) -> bool:
+        return any_rank(self.requested, info)
+
+
+@dataclass
+class EpochProgress:
+    """How far one rank got through an interrupted epoch (saved in last.pt, per rank)."""
+
+    batches_done: int = 0
+    loss_sum: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    images: int = 0
+    elapsed_s: float = 0.0
+    data_wait_s: float = 0.0
+
+
 # --------------------------------------------------------------------------- one epoch
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                    ema: ModelEMA) -> None:
@@ -193,21 +232,30 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler,
     lf,
     on_step=None,
-) -> dict[str, float]:
-    """One pass over this rank's shard; returns mean losses and throughput."""
+    start: EpochProgress | None = None,
+    stop: StopSignal | None = None,
+) -> dict[str, Any]:
+    """One pass over this rank's shard; returns mean losses and throughput.
+
+    ``start`` continues an interrupted epoch (the loader then yields only the batches after
+    ``start.batches_done``). When ``stop`` is agreed at an optimizer-step boundary the epoch
+    ends early and the result is ``{"interrupted": EpochProgress}`` instead.
+    """
     hyp = cfg.hyperparameters
-    num_batches = len(loader)
+    start = start or EpochProgress()
+    num_batches = start.batches_done + len(loader)  # the whole epoch's batches on this rank
     warmup_iters = round(hyp["warmup_epochs"] * num_batches)
     accumulate_target = accumulation_steps(hyp, cfg.batch)
     set_train_mode(model)
-    loss_sum = torch.zeros(3)
-    images = 0
-    last_step = -1
-    t0 = time.perf_counter()
-    data_wait = 0.0  # time spent waiting for the input pipeline (as torchvision's "data" time)
+    loss_sum = torch.tensor(start.loss_sum, dtype=torch.float32)
+    images = start.images
+    # An interrupted epoch stopped right after an optimizer step, at its last batch.
+    last_step = num_batches * epoch + start.batches_done - 1 if start.batches_done else -1
+    t0 = time.perf_counter() - start.elapsed_s
+    data_wait = start.data_wait_s  # time spent waiting for the input pipeline (torchvision's "data" time)
     optimizer.zero_grad(set_to_none=True)
     t_ready = time.perf_counter()
-    for i, (imgs, targets, _metas) in enumerate(loader):
+    for i, (imgs, targets, _metas) in enumerate(loader, start=start.batches_done):
         data_wait += time.perf_counter() - t_ready
         ni = i + num_batches * epoch  # iterations since the start of training
         accumulate = accumulate_target
@@ -226,13 +274,18 @@ def train_one_epoch(
         if info.distributed:
             loss = loss * info.world_size  # DDP averages gradients across ranks
         scaler.scale(loss).backward()
-        if ni - last_step >= accumulate or i == num_batches - 1:
+        stepped = ni - last_step >= accumulate or i == num_batches - 1
+        if stepped:
             optimizer_step(model, optimizer, scaler, ema)
             last_step = ni
         loss_sum += loss_items.detach().cpu()
         images += imgs.shape[0]
         if on_step is not None:
             on_step(i + 1, num_batches, loss_sum / (i + 1), images)
+        # Every rank steps at the same batches, so every rank takes part in the same checks.
+        if stepped and stop is not None and i < num_batches - 1 and stop.agreed(info):
+            return {"interrupted": EpochProgress(i + 1, loss_sum.tolist(), images, time.perf_counter() - t0,
+                                                 data_wait)}
         t_ready = time.perf_counter()
     elapsed = time.perf_counter() - t0
     mean = all_reduce_mean(loss_sum / max(num_batches, 1), info)
@@ -272,6 +325,7 @@ class Trainer:
         self.model_cfg = load_model_config(cfg.model)
         self.freeze_depth = resolve_freeze(cfg.freeze, self.model_cfg)
         self.resume_ckpt = self._find_resume()
+        self.last_metrics: dict[str, float] = {}
 
         model = build_model(self.model_cfg, nc=self.data_cfg.nc)
         model.names = list(self.data_cfg.names)
@@ -299,6 +353,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = ModelEMA(self.model, self.hyp["ema_decay"], self.hyp["ema_tau"])
         self.state = RunState()
+        self.resume_progress: EpochProgress | None = None
         if self.resume_ckpt is not None:
             self._restore(self.resume_ckpt)
         self.ddp_model = (DistributedDataParallel(self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
@@ -357,6 +412,28 @@ class Trainer:
                               epochs_without_improvement=s["epochs_without_improvement"],
                               history=list(ckpt.get("history", [])), best_metrics=dict(s.get("best_metrics", {})),
                               wall_time_s=s.get("wall_time_s", 0.0))
+        self.last_metrics = dict(ckpt.get("metrics") or {})
+        if ckpt.get("interrupted"):
+            self.resume_progress = self._interrupted_position(ckpt["interrupted"])
+
+    def _interrupted_position(self, record: Any) -> EpochProgress | None:
+        """This rank's place in the epoch a SIGTERM interrupted; its RNG state is restored."""
+        try:
+            ranks = record["ranks"]
+            if int(record["world_size"]) != self.info.world_size:
+                self.logger.info(f"last.pt was interrupted part-way through epoch {self.state.start_epoch + 1} with "
+                                 f"{record['world_size']} processes, now {self.info.world_size}: that epoch's "
+                                 "shards differ, so it restarts from its first batch")
+                return None
+            mine = ranks[self.info.rank]
+            progress = EpochProgress(**mine["progress"])
+            torch.set_rng_state(mine["rng"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError):
+            raise FinetuneError(f"cannot resume: {self.out / 'last.pt'} has a malformed record of where its epoch "
+                                "stopped; delete it to start over") from None
+        self.logger.info(f"resuming epoch {self.state.start_epoch + 1} after batch {progress.batches_done}, where "
+                         "SIGTERM stopped it")
+        return progress
 
     # ---- checkpoints
     def _checkpoint(self, epoch_done: int, metrics: dict[str, float], with_training_state: bool) -> dict:
@@ -392,20 +469,36 @@ class Trainer:
 
     # ---- the loop
     def fit(self) -> dict[str, Any]:
+        stop = StopSignal()
+        stop.install()
+        try:
+            return self._fit(stop)
+        finally:
+            stop.restore()
+
+    def _fit(self, stop: StopSignal) -> dict[str, Any]:
         cfg, info = self.cfg, self.info
         self.build()
         stopped_early = False
         for epoch in range(self.state.start_epoch, cfg.epochs):
-            epoch_start = time.perf_counter()
-            # Everything random in an epoch derives from (seed, epoch, rank), so a run resumed
-            # from last.pt replays the same epochs an uninterrupted run would.
-            seed_everything(cfg.seed + 1000 * epoch + info.rank)
+            progress = self.resume_progress if epoch == self.state.start_epoch else None
+            epoch_start = time.perf_counter() - (progress.elapsed_s if progress else 0.0)
+            if progress is None:
+                # Everything random in an epoch derives from (seed, epoch, rank), so a run resumed
+                # from last.pt replays the same epochs an uninterrupted run would (an epoch resumed
+                # part-way restores its RNG state instead).
+                seed_everything(cfg.seed + 1000 * epoch + info.rank)
             if self.train_sampler is not None:
-                self.train_sampler.set_epoch(epoch)
+                self.train_sampler.set_epoch(epoch, start=progress.batches_done * self.batch_per_rank if progress else 0)
             reset_peak_memory(info.device)
             stats = train_one_epoch(self.ddp_model, self.train_loader, self.optimizer, self.loss_fn, self.ema, epoch,
                                     cfg, info, self.amp_dtype, self.scaler, self.lf,
-                                    on_step=self.logger.step_callback(epoch, cfg.epochs, self.metrics))
+                                    on_step=self.logger.step_callback(epoch, cfg.epochs, self.metrics),
+                                    start=progress, stop=stop)
+            if "interrupted" in stats:
+                self._save_interrupted(epoch, stats["interrupted"])
+                raise Interrupted(f"stopped by SIGTERM after batch {stats['interrupted'].batches_done} of epoch "
+                                  f"{epoch + 1}; last.pt holds that position and --resume continues from it")
             if not all(math.isfinite(stats[n]) for n in LOSS_NAMES):
                 # Every rank sees the same all-reduced losses, so all stop together, and the
                 # last good last.pt/best.pt are kept rather than overwritten with NaN weights.
@@ -424,8 +517,22 @@ class Trainer:
             stopped_early = broadcast_object(stopped_early, info)
             if stopped_early:
                 break
+            if epoch + 1 < cfg.epochs and stop.agreed(info):
+                raise Interrupted(f"stopped by SIGTERM after epoch {epoch + 1}; last.pt holds it and --resume "
+                                  "continues from there")
         barrier(info)
         return self._finish(stopped_early)
+
+    def _save_interrupted(self, epoch: int, progress: EpochProgress) -> None:
+        """Rank 0 saves the run as it stands part-way through ``epoch``, with every rank's
+        position and RNG state, so --resume continues with the next batch."""
+        ranks = all_gather_object({"progress": asdict(progress), "rng": torch.get_rng_state()}, self.info)
+        if self.info.is_main:
+            ckpt = self._checkpoint(epoch, self.last_metrics, with_training_state=True)
+            ckpt["interrupted"] = {"epoch": epoch, "world_size": self.info.world_size, "ranks": ranks}
+            save_checkpoint(ckpt, self.out / "last.pt")
+            self.logger.info(f"SIGTERM: saved last.pt after batch {progress.batches_done} of epoch {epoch + 1}")
+        barrier(self.info)
 
     def _end_epoch(self, epoch: int, stats: dict, val: dict, memory: list[MemorySample], epoch_time: float) -> bool:
         """Rank 0 records the epoch: results, checkpoints, metrics. Returns: stop early?"""
@@ -456,6 +563,7 @@ class Trainer:
                    "memory_peak_bytes": peak}
         if improved:
             self.state.best_metrics = {**metrics, "epoch": epoch + 1}
+        self.last_metrics = metrics
         last = self._checkpoint(epoch + 1, metrics, with_training_state=True)
         save_checkpoint(last, self.out / "last.pt")
         if improved:

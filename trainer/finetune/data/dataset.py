@@ -11,6 +11,7 @@ instead of from inside a worker process.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 import os
@@ -451,6 +452,33 @@ def auto_workers(device: torch.device, cpus_per_rank: int | None = None) -> int:
     return 0 if per_rank <= 2 else min(MAX_AUTO_WORKERS, per_rank // 4)
 
 
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler (also for a single process) whose epoch can start part-way through.
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, not on how many epochs this process
+    has iterated before, so a run resumed mid-epoch from a checkpoint skips exactly the samples
+    it already trained on (``set_epoch(e, start=...)``), and one resumed at an epoch boundary
+    sees the same order an uninterrupted run would.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int | None, rank: int | None, shuffle: bool, seed: int,
+                 drop_last: bool):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Epoch ``epoch``, from this rank's ``start``-th sample of it on."""
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.start, 0)
+
+
 def build_dataloader(
     dataset: Dataset,
     batch_size: int,
@@ -461,26 +489,21 @@ def build_dataloader(
     drop_last: bool = False,
     num_replicas: int | None = None,
     rank: int | None = None,
-) -> tuple[DataLoader, DistributedSampler | None]:
+) -> tuple[DataLoader, ResumableSampler | None]:
     """A DataLoader over ``dataset`` with ``batch_size`` images per rank.
 
-    With ``distributed`` each rank reads its own shard through a ``DistributedSampler``
-    (call ``sampler.set_epoch(epoch)`` every epoch so the shuffle changes); ``num_replicas``
-    and ``rank`` default to the process group's. Worker seeds derive from ``seed`` and the
-    rank, so augmentation is reproducible and differs between ranks. With ``workers=0`` the
-    caller's ``torch.manual_seed`` governs augmentation.
+    With ``distributed`` each rank reads its own shard; with ``shuffle`` the order comes from a
+    :class:`ResumableSampler` either way (one replica when not distributed). Call
+    ``sampler.set_epoch(epoch)`` every epoch so the shuffle changes; ``num_replicas`` and
+    ``rank`` default to the process group's. Worker seeds derive from ``seed`` and the rank, so
+    augmentation is reproducible and differs between ranks. With ``workers=0`` the caller's
+    ``torch.manual_seed`` governs augmentation.
     """
     sampler = None
     rank_for_seed = 0
-    if distributed:
-        sampler = DistributedSampler(
-            dataset,
-            num_replicas=num_replicas,
-            rank=rank,
-            shuffle=shuffle,
-            seed=seed,
-            drop_last=drop_last,
-        )
+    if distributed or shuffle:
+        sampler = ResumableSampler(dataset, num_replicas=num_replicas if distributed else 1,
+                                   rank=rank if distributed else 0, shuffle=shuffle, seed=seed, drop_last=drop_last)
         rank_for_seed = sampler.rank
     generator = torch.Generator()
     generator.manual_seed(seed + 1_000_003 * rank_for_seed)
@@ -488,7 +511,7 @@ def build_dataloader(
         DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
+            shuffle=False,  # the sampler shuffles
             sampler=sampler,
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
