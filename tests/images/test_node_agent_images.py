@@ -29,7 +29,7 @@ def _load(name: str, path: Path):
 na = _load("finetune_tests_node_agent", REPO / "tests" / "cluster" / "node_agent.py")
 
 # What the container sees of itself: user, groups, capabilities, no_new_privs, seccomp mode,
-# and whether / and /tmp are writable.
+# and whether the root filesystem (the user's home in it) and /tmp are writable.
 PROBE = """
 import os, json
 status = dict(line.split(':', 1) for line in open('/proc/self/status').read().splitlines() if ':' in line)
@@ -41,7 +41,7 @@ def writable(path):
 print(json.dumps({'uid': os.getuid(), 'gid': os.getgid(), 'groups': sorted(os.getgroups()),
                   'CapEff': status['CapEff'].strip(), 'CapBnd': status['CapBnd'].strip(),
                   'NoNewPrivs': status['NoNewPrivs'].strip(), 'Seccomp': status['Seccomp'].strip(),
-                  'root_writable': writable('/'), 'tmp_writable': writable('/tmp'),
+                  'root_writable': writable('/home/trainer'), 'tmp_writable': writable('/tmp'),
                   'home': os.environ.get('HOME'), 'hostname': os.uname().nodename,
                   'finetune': __import__('finetune').__file__}))
 """
