@@ -82,6 +82,7 @@ import teardown  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 STATE_ROOT = Path("/run/finetune-node-agent")
+RUNC_ROOT = Path("/run/finetune-runc")  # = docker/images.py's RUNC_ROOT (runc's state dir)
 NETNS_PREFIX = "ftna"
 BRIDGE_PREFIX = "ftbr"
 VETH_PREFIX = "ftv"
@@ -194,7 +195,15 @@ def sweep_leftovers() -> list[str]:
                     removed.append(path)
                 except OSError:
                     pass
+        # Image mode: its runc containers and per-pod overlay mounts (before removing the work dir).
+        for cid in (_run("runc", "--root", str(RUNC_ROOT), "list", "-q", check=False).stdout.split()
+                    if shutil.which("runc") else []):
+            if cid.startswith(f"{NETNS_PREFIX}{d.name}-"):
+                _run("runc", "--root", str(RUNC_ROOT), "delete", "--force", cid, check=False)
+                removed.append(f"runc {cid}")
         if state.get("workdir"):
+            for target in sorted(_mounts_under(state["workdir"]), key=len, reverse=True):
+                _run("umount", "--lazy", target, check=False)
             shutil.rmtree(state["workdir"], ignore_errors=True)
         shutil.rmtree(d, ignore_errors=True)
         removed.append(str(d))
@@ -220,6 +229,12 @@ def sweep_leftovers() -> list[str]:
             _run("ip", "link", "del", name, check=False)
             removed.append(f"link {name}")
     return removed
+
+
+def _mounts_under(directory: str) -> list[str]:
+    prefix = directory.rstrip("/") + "/"
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[1].startswith(prefix)]
 
 
 MOUNTPOINTS_REGISTRY = STATE_ROOT / "mountpoints.json"
@@ -1217,7 +1232,7 @@ class NodeAgent:
             run.torn_down = True
         _kill_netns(run.netns)
         if run.runc_id:
-            _run("runc", "--root", str(self.images.RUNC_ROOT), "delete", "--force", run.runc_id, check=False)
+            _run("runc", "--root", str(RUNC_ROOT), "delete", "--force", run.runc_id, check=False)
         if run.rootfs:
             _run("umount", "--lazy", run.rootfs, check=False)
         _run("ip", "netns", "del", run.netns, check=False)
