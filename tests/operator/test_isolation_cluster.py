@@ -15,7 +15,8 @@ from typing import Any
 import helm_python as helm
 import pytest
 import yaml
-from test_operator_cluster import (CHART, GC_TIMEOUT, OPERATOR_NAMESPACE, Cluster, Operator, cpu_finetune,
+from support.chart import CHART
+from test_operator_cluster import (GC_TIMEOUT, OPERATOR_NAMESPACE, Cluster, Operator, cpu_finetune,
                                    install_crd_and_chart_rbac, wait_for)
 
 pytestmark = pytest.mark.cluster
