@@ -61,6 +61,7 @@ IMAGES = {
 # installed). An overrun fails `make images`: a second CUDA copy, a build tool or a dependency
 # that crept in.
 BUDGETS = {"operator": 400 * 10**6, "trainer": 6500 * 10**6}
+KEEP_IMAGES = 3  # per name, the one just built included
 
 # The stand-in for python:3.11-slim-bookworm: what the Dockerfiles use from it (python,
 # python -m venv, groupadd/useradd) plus what the official image ships for TLS and /etc/services.
@@ -267,12 +268,14 @@ def build(name: str) -> str:
                 "-f", str(IMAGES[name]["dockerfile"]), "-t", ref, "-t", f"localhost/finetune-{name}:latest",
                 str(REPO), capture=False)
         say(f"{name}: built in {time.monotonic() - started:.0f}s")
-        # Keep one image per name: the previous trees' images are multi-GB and never reused.
-        for old in json.loads(buildah("images", "--json").stdout or "[]"):
-            names = old.get("names") or []
-            if all(n.startswith(f"localhost/finetune-{name}:") and n != ref and not n.endswith(":latest")
-                   for n in names) and names:
-                buildah("rmi", "--force", old["id"], check=False)
+        # Older trees' images are multi-GB: keep the newest KEEP_IMAGES per name. Not just
+        # one: another checkout on this machine (CI beside a developer) may be running its own.
+        olds = [image for image in json.loads(buildah("images", "--json").stdout or "[]")
+                if image.get("names") and all(n.startswith(f"localhost/finetune-{name}:") and n != ref
+                                              and not n.endswith(":latest") for n in image["names"])]
+        olds.sort(key=lambda image: image.get("created", 0), reverse=True)
+        for old in olds[KEEP_IMAGES - 1:]:
+            buildah("rmi", "--force", old["id"], check=False)
     return ref
 
 

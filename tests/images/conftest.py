@@ -8,19 +8,12 @@ tests error with the build's output; they are never skipped.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 from pathlib import Path
 
 import pytest
+from support import load_module
 
 REPO = Path(__file__).resolve().parents[2]
-# Not yet part of `make test` (see the issue's notes in docker/README or the commit log):
-# run with FINETUNE_IMAGE_TESTS=1 (`make test-images`).
-if os.environ.get("FINETUNE_IMAGE_TESTS") != "1":
-    collect_ignore_glob = ["test_*.py"]
-
 _IMAGE_FIXTURES = {"trainer_image": "trainer", "operator_image": "operator"}
 _REFS: dict[str, str] = {}
 _ERRORS: dict[str, str] = {}
@@ -28,13 +21,7 @@ _ERRORS: dict[str, str] = {}
 
 def load_images_module():
     """docker/images.py, loaded by path under a fixed name (docker/ is no package)."""
-    name = "finetune_tests_images"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "docker" / "images.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_module("finetune_tests_images", REPO / "docker" / "images.py")
 
 
 def pytest_collection_finish(session):

@@ -13,7 +13,6 @@ read-only root filesystem, no capabilities, RuntimeDefault seccomp.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -24,16 +23,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from support import free_port, load_module
+from support.chart import OPERATOR_NAMESPACE, install_crd_and_chart_rbac
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("name", ["operator", "trainer"])
@@ -118,24 +112,24 @@ def test_trainer_cannot_write_its_dataset_or_root(images, trainer_image, dataset
 # --- the operator image against the real control plane -----------------------------------------
 
 def test_operator_image_reconciles_a_finetune(images, operator_image, control_plane, namespace, tmp_path):
-    op_tests = _load("finetune_tests_operator_cluster", REPO / "tests" / "operator" / "test_operator_cluster.py")
-    token_kubeconfig = op_tests.install_crd_and_chart_rbac(control_plane)
+    op_tests = load_module("finetune_tests_operator_cluster", REPO / "tests" / "operator" / "test_operator_cluster.py")
+    token_kubeconfig = install_crd_and_chart_rbac(control_plane)
     token = _token_from_kubeconfig(token_kubeconfig)
     # Where a pod has them: the kubelet mounts the ServiceAccount token, the cluster CA and the namespace.
     secrets = tmp_path / "serviceaccount"
     secrets.mkdir()
     (secrets / "token").write_text(token)
     shutil.copy(control_plane.ca_file, secrets / "ca.crt")
-    (secrets / "namespace").write_text(op_tests.OPERATOR_NAMESPACE)
+    (secrets / "namespace").write_text(OPERATOR_NAMESPACE)
     for path in [secrets, *secrets.iterdir()]:
         path.chmod(0o755 if path.is_dir() else 0o644)
     host, port = control_plane.server.removeprefix("https://").rsplit(":", 1)
-    metrics_port = op_tests.free_port()
+    metrics_port = free_port()
     config = images.image_config(operator_image)
     spec = images.oci_spec(
         images.rootfs(operator_image),
         [*config["Entrypoint"], "--namespace", namespace, "--standalone",
-         "--liveness", f"http://127.0.0.1:{op_tests.free_port()}/healthz", "--verbose"],
+         "--liveness", f"http://127.0.0.1:{free_port()}/healthz", "--verbose"],
         uid=10001, gid=10001, cwd=config["WorkingDir"],
         env=images.image_env(operator_image, {
             "KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port,

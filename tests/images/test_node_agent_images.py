@@ -4,29 +4,18 @@ with ErrImageNeverPull instead of running from the virtualenv."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from support import load_module, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _load(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-na = _load("finetune_tests_node_agent", REPO / "tests" / "cluster" / "node_agent.py")
+na = load_module("finetune_tests_node_agent", REPO / "tests" / "cluster" / "node_agent.py")
 
 # What the container sees of itself: user, groups, capabilities, no_new_privs, seccomp mode,
 # and whether the root filesystem (the user's home in it) and /tmp are writable.
@@ -45,17 +34,6 @@ print(json.dumps({'uid': os.getuid(), 'gid': os.getgid(), 'groups': sorted(os.ge
                   'home': os.environ.get('HOME'), 'hostname': os.uname().nodename,
                   'finetune': __import__('finetune').__file__}))
 """
-
-
-def wait_for(condition, what: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +66,7 @@ def test_pod_runs_from_the_image_with_its_security_context(control_plane, namesp
                             {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
                              "readOnlyRootFilesystem": True}), namespace=namespace)
     done = wait_for(lambda: (p := get_pod(control_plane, namespace, "locked"))["status"].get("phase")
-                    in ("Succeeded", "Failed") and p, "pod locked to finish")
+                    in ("Succeeded", "Failed") and p, "pod locked to finish", timeout=60)
     log = image_agent.log(namespace, "locked")
     assert done["status"]["phase"] == "Succeeded", log
     state = done["status"]["containerStatuses"][0]
@@ -108,7 +86,7 @@ def test_default_security_context_keeps_the_runtime_defaults(control_plane, name
     image_agent.serve(namespace)
     control_plane.apply(pod("plain", trainer_image, ["python", "-c", PROBE], {}, {}), namespace=namespace)
     done = wait_for(lambda: (p := get_pod(control_plane, namespace, "plain"))["status"].get("phase")
-                    in ("Succeeded", "Failed") and p, "pod plain to finish")
+                    in ("Succeeded", "Failed") and p, "pod plain to finish", timeout=60)
     log = image_agent.log(namespace, "plain")
     assert done["status"]["phase"] == "Succeeded", log
     seen = json.loads(log.strip().splitlines()[-1])
@@ -128,7 +106,7 @@ def test_missing_image_is_err_image_never_pull(control_plane, namespace, image_a
     def waiting():
         state = get_pod(control_plane, namespace, "missing")["status"].get("containerStatuses", [{}])[0]
         return (state.get("state") or {}).get("waiting", {}).get("reason") == "ErrImageNeverPull" and state
-    state = wait_for(waiting, "ErrImageNeverPull")
+    state = wait_for(waiting, "ErrImageNeverPull", timeout=60)
     assert missing in state["state"]["waiting"]["message"]
     time.sleep(2)  # several agent syncs: it must stay Pending, never start from the venv
     got = get_pod(control_plane, namespace, "missing")
