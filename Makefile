@@ -57,7 +57,7 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow and not cluster"
 
 lint: setup
-	$(VENV)/bin/ruff check trainer operator bench tests
+	$(VENV)/bin/ruff check trainer operator bench tests docker
 
 clean:
 	rm -rf runs .pytest_cache

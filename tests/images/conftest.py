@@ -8,12 +8,18 @@ tests error with the build's output; they are never skipped.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from support import load_module
 
 REPO = Path(__file__).resolve().parents[2]
+# Not in `make test` yet: a full clean-clone `make test` with them has not been run to the end
+# (tests/images alone passed from a clean clone). `make test-images` sets this. To wire them in:
+# drop these lines and make `test` depend on `images` in the Makefile.
+if os.environ.get("FINETUNE_IMAGE_TESTS") != "1":
+    collect_ignore_glob = ["test_*.py"]
 _IMAGE_FIXTURES = {"trainer_image": "trainer", "operator_image": "operator"}
 _REFS: dict[str, str] = {}
 _ERRORS: dict[str, str] = {}
