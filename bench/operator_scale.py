@@ -213,6 +213,9 @@ def audit_requests(cp, start: float, end: float) -> dict[str, int]:
             key = f"{event['verb']} {ref.get('resource', event.get('requestURI', ''))}"
             if ref.get("subresource"):
                 key += "/" + ref["subresource"]
+            code = (event.get("responseStatus") or {}).get("code", 0)
+            if code >= 400:  # refused requests apart: a 409 is a write planned from a stale copy
+                key += f" ({code})"
             counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))
 

@@ -19,13 +19,21 @@ OWNED_LABELS = {m.LABEL_MANAGED_BY: m.MANAGED_BY, m.LABEL_FINETUNE: kopf.PRESENT
 
 
 @kopf.index(m.GROUP, m.VERSION, m.PLURAL)
-def finetunes_by_name(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[runtime.Key, Any]:
-    return {(namespace, name): runtime.finetune_entry(body)}
+def finetunes_by_name(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,
+                      **_: Any) -> dict[runtime.Key, Any]:
+    entry = runtime.finetune_entry(body)
+    if "runtime" in memo:  # the watch has caught up with this version (see runtime.LatestCopies)
+        memo.runtime.latest.seen((namespace, name), entry["metadata"]["resourceVersion"])
+    return {(namespace, name): entry}
 
 
 @kopf.index("", "v1", "pods", labels=OWNED_LABELS)
-def worker_pods_by_finetune(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[runtime.Key, Any]:
-    return {(namespace, labels[m.LABEL_FINETUNE]): runtime.pod_entry(body)}
+def worker_pods_by_finetune(namespace: str, name: str, labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo,
+                            **_: Any) -> dict[runtime.Key, Any]:
+    key = (namespace, labels[m.LABEL_FINETUNE])
+    if "runtime" in memo:  # the watch has delivered this pod (see runtime.RecentPods)
+        memo.runtime.recent_pods.seen(key, name)
+    return {key: runtime.pod_entry(body)}
 
 
 @kopf.index("", "v1", "services", labels=OWNED_LABELS)
@@ -38,25 +46,23 @@ def _cache(finetunes_by_name: kopf.Index, worker_pods_by_finetune: kopf.Index,
     return runtime.Cache(finetunes_by_name, worker_pods_by_finetune, services_by_finetune)
 
 
-@kopf.on.create(m.GROUP, m.VERSION, m.PLURAL)
-def finetune_created(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, finetunes_by_name: kopf.Index,
-                     worker_pods_by_finetune: kopf.Index, services_by_finetune: kopf.Index, **_: Any) -> None:
+# A plain event handler rather than kopf's create/update/resume handlers: those record their
+# progress and the last handled spec in annotations, one more write per FineTune and a new
+# resourceVersion after every reconcile. The reconcile is level-triggered, so every change of
+# the FineTune (the first listing after a restart included) simply reconciles it; a change that
+# is the operator's own last write plans to do nothing.
+@kopf.on.event(m.GROUP, m.VERSION, m.PLURAL)
+def finetune_changed(type: str, namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,  # noqa: A002
+                     finetunes_by_name: kopf.Index, worker_pods_by_finetune: kopf.Index,
+                     services_by_finetune: kopf.Index, **_: Any) -> None:
+    if type == "DELETED":
+        # No finalizer for this: the pods and Service go by garbage collection, and what the
+        # operator keeps per FineTune (locks, metrics, copies) can go once it is gone. (kopf adds
+        # its finalizer while the clock daemon runs, to stop the daemon before deletion.)
+        runtime.forget_finetune(memo.runtime, (namespace, name))
+        return
     cache = _cache(finetunes_by_name, worker_pods_by_finetune, services_by_finetune)
-    runtime.reconcile_change(memo.runtime, "create", (namespace, name), cache, body)
-
-
-@kopf.on.resume(m.GROUP, m.VERSION, m.PLURAL)
-def finetune_resumed(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, finetunes_by_name: kopf.Index,
-                     worker_pods_by_finetune: kopf.Index, services_by_finetune: kopf.Index, **_: Any) -> None:
-    cache = _cache(finetunes_by_name, worker_pods_by_finetune, services_by_finetune)
-    runtime.reconcile_change(memo.runtime, "resume", (namespace, name), cache, body)
-
-
-@kopf.on.update(m.GROUP, m.VERSION, m.PLURAL, field="spec")
-def finetune_spec_changed(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, finetunes_by_name: kopf.Index,
-                          worker_pods_by_finetune: kopf.Index, services_by_finetune: kopf.Index, **_: Any) -> None:
-    cache = _cache(finetunes_by_name, worker_pods_by_finetune, services_by_finetune)
-    runtime.reconcile_change(memo.runtime, "update", (namespace, name), cache, body)
+    runtime.reconcile_soon(memo.runtime, "finetune-event", (namespace, name), cache, body)
 
 
 def _has_clock(body: kopf.Body, **_: Any) -> bool:
@@ -75,9 +81,4 @@ async def finetune_clock(namespace: str, name: str, body: kopf.Body, memo: kopf.
 def worker_pod_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, finetunes_by_name: kopf.Index,
                      worker_pods_by_finetune: kopf.Index, services_by_finetune: kopf.Index, **_: Any) -> None:
     cache = _cache(finetunes_by_name, worker_pods_by_finetune, services_by_finetune)
-    runtime.reconcile_owner_of_pod(memo.runtime, (namespace, labels[m.LABEL_FINETUNE]), cache)
-
-
-@kopf.on.delete(m.GROUP, m.VERSION, m.PLURAL)
-def finetune_deleted(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    runtime.forget_finetune(memo.runtime, (namespace, name))
+    runtime.reconcile_soon(memo.runtime, "pod-event", (namespace, labels[m.LABEL_FINETUNE]), cache)

@@ -99,17 +99,17 @@ class Kube:
         result = self.request("GET", self.core_path(namespace, "pods"), query={"labelSelector": label_selector})
         return list(result.get("items") or [])
 
-    def create(self, namespace: str, plural: str, body: Mapping[str, Any]) -> bool:
-        """Create; False if it already exists (409: another reconcile or a restarted operator)."""
+    def create(self, namespace: str, plural: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Create; returns the object created, None if it already exists (409: another reconcile
+        or a restarted operator)."""
         path = self.core_path(namespace, plural)
         if body.get("apiVersion", "v1") != "v1":  # a named API group, e.g. networking.k8s.io/v1
             path = f"/apis/{body['apiVersion']}/namespaces/{quote(namespace)}/{plural}"
         try:
-            self.request("POST", path, body=body)
-            return True
+            return self.request("POST", path, body=body)
         except KubeError as e:
             if e.status == 409:
-                return False
+                return None
             raise
 
     def delete(self, namespace: str, plural: str, name: str, uid: str | None = None) -> bool:
@@ -135,8 +135,8 @@ class Kube:
                 raise
 
     def patch_finetune(self, namespace: str, name: str, patch: Mapping[str, Any], *, status: bool = False,
-                       resource_version: str | None = None) -> str | None:
-        """Merge-patch the FineTune (or its status); returns the new resourceVersion.
+                       resource_version: str | None = None) -> dict[str, Any]:
+        """Merge-patch the FineTune (or its status); returns the object as the apiserver now has it.
 
         With ``resource_version`` the patch applies only to that version of the object (the
         apiserver answers 409, raised as StaleObject, when it changed since)."""
@@ -144,12 +144,32 @@ class Kube:
         if resource_version:
             patch = {**patch, "metadata": {**(patch.get("metadata") or {}), "resourceVersion": resource_version}}
         try:
-            result = self.request("PATCH", path, body=patch, content_type="application/merge-patch+json")
+            return self.request("PATCH", path, body=patch, content_type="application/merge-patch+json")
         except KubeError as e:
             if e.status == 409 and resource_version:
                 raise StaleObject(e.status, e.reason, e.message) from e
             raise
-        return (result.get("metadata") or {}).get("resourceVersion")
+
+    def patch_finetune_status_if(self, namespace: str, name: str, expected: Mapping[str, Any],
+                                 patch: Mapping[str, Any]) -> dict[str, Any]:
+        """Apply a top-level status merge ``patch`` only if the status is still ``expected``
+        (a JSON-patch ``test``); returns the object as the apiserver now has it.
+
+        Unlike a resourceVersion precondition, this is not refused by writes that leave the status
+        alone (kopf's own annotations and finalizer). A failed test is a 422, raised as
+        StaleObject: the status patch itself is built from schema-valid values, so a 422 here
+        means the status changed (the caller reads it again; a real error shows up again)."""
+        ops: list[dict[str, Any]] = [{"op": "test", "path": "/status", "value": dict(expected)}]
+        for key, value in patch.items():
+            pointer = "/status/" + key.replace("~", "~0").replace("/", "~1")
+            ops.append({"op": "remove", "path": pointer} if value is None else {"op": "add", "path": pointer, "value": value})
+        try:
+            return self.request("PATCH", self.finetune_path(namespace, name) + "/status", body=ops,
+                                content_type="application/json-patch+json")
+        except KubeError as e:
+            if e.status == 422:
+                raise StaleObject(e.status, e.reason, e.message) from e
+            raise
 
     def delete_finetune(self, namespace: str, name: str, uid: str) -> None:
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background",

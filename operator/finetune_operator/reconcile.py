@@ -1,6 +1,6 @@
 """The FineTune state machine: ``plan()`` decides, ``reconcile()`` reads the cluster and acts.
 
-Level-triggered: every call reads the FineTune and its pods fresh from the API and computes
+Level-triggered: every call takes the FineTune and its pods as last seen and computes
 what should happen from that alone, so it does not matter which handler called it (create,
 update, timer, pod event), how often, or whether the operator restarted in between.
 
@@ -36,6 +36,9 @@ CREATE_FAILED_PREFIX = "cannot create worker pod"
 QUOTA_EXCEEDED = "QuotaExceeded"
 
 EventPoster = Callable[[Mapping[str, Any], str, str, str], None]
+# Told each body the apiserver answered with: the FineTune's (writes, and the read after a
+# refused one) and each worker pod created.
+WriteListener = Callable[[Mapping[str, Any]], None]
 
 
 @dataclasses.dataclass
@@ -324,6 +327,8 @@ def _progress(p: Plan, run: _Run, default_image: str | None) -> None:
     for index in run.missing:
         p.create_pods.append(m.build_worker_pod(name, namespace, run.effective, index, run.finetune,
                                                 run.attempt, default_image))
+    # Counted as the pending pods they will be, so their creation needs no second status write.
+    p.status["workers"] = {**p.status["workers"], "active": p.status["workers"]["active"] + len(p.create_pods)}
     if not run.missing and st.condition_is_true(p.status.get("conditions"), QUOTA_EXCEEDED):
         p.status["conditions"] = st.set_condition(p.status["conditions"], QUOTA_EXCEEDED, False, "WorkersCreated",
                                                   f"all {run.workers} worker pod(s) exist", run.now)
@@ -436,14 +441,18 @@ def reconcile(
     now: dt.datetime | None = None,
     allowed_volume_types: tuple[str, ...] = validation.DEFAULT_ALLOWED_VOLUME_TYPES,
     network_policy_metrics_from: list[dict[str, Any]] | None = None,
+    on_write: WriteListener | None = None,
 ) -> Plan | None:
     """Bring one FineTune's pods and status in line with its spec, from what the caller knows
     (kopf's bodies and indexes: no reads). None if it is being deleted.
 
     The caller's copy of the FineTune may lag behind the operator's own writes. Every write to
-    it carries the resourceVersion it was planned from, so a plan made from a stale copy (which
-    could count a restart twice) is refused by the apiserver; then the FineTune is read once
-    and planned again. One reconcile per FineTune at a time is the caller's job.
+    it is conditional on what it was planned from (the status; the resourceVersion for the
+    annotation that starts a run), so a plan made from a stale copy (which could count a restart
+    twice) is refused by the apiserver; then the FineTune is read once and planned again. What
+    the apiserver answers to each write (and that read) goes to ``on_write``, so the caller can
+    plan from it before its watch has caught up. One reconcile per FineTune at a time is the
+    caller's job.
     """
     current_time = now or dt.datetime.now(dt.timezone.utc)
     for attempt in range(2):
@@ -454,7 +463,7 @@ def reconcile(
                       lambda: validate_in_cluster(kube, body, allowed_volume_types), default_image,
                       network_policy_metrics_from)
         try:
-            _execute(kube, finetune, result, post_event, operator_metrics)
+            _execute(kube, finetune, result, post_event, operator_metrics, on_write)
             return result
         except kube_.StaleObject:
             if attempt:
@@ -462,11 +471,29 @@ def reconcile(
             logger.debug("%s/%s changed since it was read; reading it again", finetune["metadata"]["namespace"],
                          finetune["metadata"]["name"])
             finetune = kube.get_finetune(finetune["metadata"]["namespace"], finetune["metadata"]["name"])
+            if finetune is not None and on_write:
+                on_write(finetune)
     return None  # pragma: no cover - the loop returns or raises
 
 
 def _is_quota_refusal(error: kube_.KubeError) -> bool:
     return error.status == 403 and "exceeded quota" in (error.message or "")
+
+
+def _write_status(kube: kube_.Kube, current: Mapping[str, Any], patch: Mapping[str, Any],
+                  on_write: WriteListener | None) -> dict[str, Any]:
+    """Patch the status only if it is still what ``current`` (the copy planned from) says; an
+    empty patch only checks that. Returns the FineTune as written."""
+    meta = current["metadata"]
+    expected = current.get("status") or {}
+    if expected:
+        written = kube.patch_finetune_status_if(meta["namespace"], meta["name"], expected, patch)
+    else:  # a FineTune without status yet: nothing to compare but its version
+        written = kube.patch_finetune(meta["namespace"], meta["name"], {"status": dict(patch)}, status=True,
+                                      resource_version=meta.get("resourceVersion"))
+    if on_write:
+        on_write(written)
+    return written
 
 
 def _execute(
@@ -475,20 +502,22 @@ def _execute(
     p: Plan,
     post_event: EventPoster | None,
     operator_metrics: metrics_.OperatorMetrics | None,
+    on_write: WriteListener | None = None,
 ) -> None:
     meta = finetune["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    old_status = finetune.get("status") or {}
-    version = meta.get("resourceVersion")
+    current: Mapping[str, Any] = finetune  # the FineTune as the last write left it
     # Order matters for crash safety: record decisions (annotation, status) before acting on them.
     if p.annotations:
-        version = kube.patch_finetune(namespace, name, {"metadata": {"annotations": p.annotations}},
-                                      resource_version=version)
-    patch = status_patch(old_status, p.status)
+        current = kube.patch_finetune(namespace, name, {"metadata": {"annotations": p.annotations}},
+                                      resource_version=meta.get("resourceVersion"))
+        if on_write:
+            on_write(current)
+    patch = status_patch(current.get("status") or {}, p.status)
     acts = p.delete_pods or p.stop_pods or p.create_pods or p.delete_finetune
-    if patch or (acts and version):
+    if patch or acts:
         # Even with nothing to record, acting on pods checks first that the plan's copy is current.
-        version = kube.patch_finetune(namespace, name, {"status": patch}, status=True, resource_version=version)
+        current = _write_status(kube, current, patch, on_write)
     for pod_name, uid in p.delete_pods:
         kube.delete(namespace, "pods", pod_name, uid or None)
     for pod_name in p.stop_pods:
@@ -498,10 +527,13 @@ def _execute(
         kube.create(namespace, "networkpolicies", p.create_network_policy)
     if p.create_service:
         kube.create(namespace, "services", p.create_service)
-    for pod in p.create_pods:
+    for created, pod in enumerate(p.create_pods):
         try:
-            if kube.create(namespace, "pods", pod):
+            created_pod = kube.create(namespace, "pods", pod)
+            if created_pod:
                 logger.info("created pod %s/%s", namespace, pod["metadata"]["name"])
+                if on_write:
+                    on_write(created_pod)
         except kube_.KubeError as e:
             if e.status >= 500 or e.status == 429:
                 raise
@@ -509,16 +541,23 @@ def _execute(
             # user has to act, so say so where they look; the caller retries later. A partly
             # created worker set is completed then, without counting a restart (see _failed).
             message = f"{CREATE_FAILED_PREFIX} {pod['metadata']['name']}: {e.message or e}"
+            recorded = current.get("status") or {}
             refused: dict[str, Any] = {}
-            if old_status.get("message") != message:
+            if recorded.get("message") != message:
                 refused["message"] = message
-            if _is_quota_refusal(e) and not st.condition_is_true(p.status.get("conditions"), QUOTA_EXCEEDED):
-                refused["conditions"] = st.set_condition(p.status.get("conditions"), QUOTA_EXCEEDED, True,
+            if _is_quota_refusal(e) and not st.condition_is_true(recorded.get("conditions"), QUOTA_EXCEEDED):
+                refused["conditions"] = st.set_condition(recorded.get("conditions"), QUOTA_EXCEEDED, True,
                                                          "ExceededQuota", message, dt.datetime.now(dt.timezone.utc))
-            if refused:
-                kube.patch_finetune(namespace, name, {"status": refused}, status=True, resource_version=version)
-                if post_event:
-                    post_event(finetune, "Warning", QUOTA_EXCEEDED if _is_quota_refusal(e) else "FailedCreate", message)
+            news = bool(refused)
+            workers = recorded.get("workers") or {}
+            if workers:  # the plan counted every pod it meant to create as active
+                uncreated = len(p.create_pods) - created
+                refused["workers"] = {**workers, "active": max(0, int(workers.get("active") or 0) - uncreated)}
+            refused_patch = status_patch(recorded, {**recorded, **refused})
+            if refused_patch:
+                _write_status(kube, current, refused_patch, on_write)
+            if news and post_event:
+                post_event(finetune, "Warning", QUOTA_EXCEEDED if _is_quota_refusal(e) else "FailedCreate", message)
             raise
     for event in p.events:
         logger.info("%s %s/%s: %s", event.reason, namespace, name, event.message)
@@ -539,6 +578,7 @@ def record_scrape(
     status: Mapping[str, Any],
     scraped: scrape.TrainerMetrics | None,
     operator_metrics: metrics_.OperatorMetrics | None,
+    on_write: WriteListener | None = None,
 ) -> Mapping[str, Any]:
     """Write what rank 0's metrics say into the status (only the metric fields, so it needs no
     precondition: nothing else writes them); returns the status with them."""
@@ -547,7 +587,9 @@ def record_scrape(
     updated = st.apply_trainer_metrics(status, scraped.as_status())
     patch = status_patch(status, updated)
     if patch:
-        kube.patch_finetune(namespace, name, {"status": patch}, status=True)
+        written = kube.patch_finetune(namespace, name, {"status": patch}, status=True)
+        if on_write:
+            on_write(written)
     if operator_metrics:
         operator_metrics.observe(namespace, name, {k: v for k, v in updated.items() if v is not None})
     return updated

@@ -3,9 +3,9 @@
 handler builds once and hands to every handler through kopf's ``memo``.
 
 Reconciles work from what kopf already watches: the FineTune, its worker pods and its Service
-come from kopf indexes (``Cache``), not from API reads. Errors are translated for kopf here: API
-trouble is "not yet" (``kopf.TemporaryError``), an invalid spec is "never"
-(``kopf.PermanentError``, after the Failed condition was written).
+come from kopf indexes (``Cache``), not from API reads. API trouble is "not yet"
+(``kopf.TemporaryError``), retried here after the retry delay; an invalid spec is "never": the
+Failed condition says so, and a finished FineTune plans no further work.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import dataclasses
 import datetime as dt
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import kopf
@@ -39,6 +40,9 @@ Key = tuple[str, str]  # (namespace, FineTune name)
 # A daemon that waits for a far deadline looks at the (live) body again this often, so an
 # edited deadline or TTL is noticed; the look itself makes no API call.
 LONGEST_SLEEP_SECONDS = 300.0
+# A pod this operator created counts as there this long before kopf's watch delivers it (it
+# usually does within a second; a pod deleted before a watch relist may never be delivered).
+RECENT_POD_SECONDS = 30.0
 
 
 class Locks:
@@ -58,6 +62,29 @@ class Locks:
     def forget(self, key: Key) -> None:
         with self._guard:
             self._locks.pop(key, None)
+
+
+class Retries:
+    """At most one pending retry per FineTune: a burst of failing events schedules one."""
+
+    def __init__(self) -> None:
+        self._pending: set[Key] = set()
+        self._guard = threading.Lock()
+
+    def schedule(self, key: Key, delay: float, retry: Any) -> None:
+        with self._guard:
+            if key in self._pending:
+                return
+            self._pending.add(key)
+
+        def run() -> None:
+            with self._guard:
+                self._pending.discard(key)
+            retry()
+
+        timer = threading.Timer(delay, run)
+        timer.daemon = True
+        timer.start()
 
 
 # The status fields a scrape writes (see status.apply_trainer_metrics).
@@ -91,7 +118,8 @@ class ScrapePool:
             scraped = scrape.scrape(url, name, self.timeout)
             with self._guard:
                 status.update(self._written.get(key, {}))
-            updated = reconcile.record_scrape(rt.kube, namespace, name, status, scraped, rt.metrics)
+            updated = reconcile.record_scrape(rt.kube, namespace, name, status, scraped, rt.metrics,
+                                              on_write=lambda written: rt.wrote(key, written))
             with self._guard:
                 self._written[key] = {k: updated[k] for k in SCRAPED_FIELDS if k in updated}
         except Exception as e:  # noqa: BLE001 - a failed scrape only means no fresh metrics this time
@@ -108,6 +136,73 @@ class ScrapePool:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+class LatestCopies:
+    """What the apiserver answered to this operator's last write of each FineTune, kept until
+    kopf's watch has delivered that version (a watch delivers versions in order, so until then
+    the index holds an older copy). Planning from it spares the write refused for a stale copy
+    and the read after it."""
+
+    def __init__(self) -> None:
+        self._written: dict[Key, dict[str, Any]] = {}
+        self._guard = threading.Lock()
+
+    def wrote(self, key: Key, body: Mapping[str, Any]) -> None:
+        with self._guard:
+            self._written[key] = finetune_entry(body)
+
+    def seen(self, key: Key, resource_version: str | None) -> None:
+        """The watch delivered this version: the index has caught up if it is the one written."""
+        with self._guard:
+            written = self._written.get(key)
+            if written is not None and written["metadata"]["resourceVersion"] == resource_version:
+                del self._written[key]
+
+    def newest(self, key: Key, indexed: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Equal versions: the watch caught up before seen() ran (or after a relist).
+        if indexed is not None:
+            self.seen(key, indexed["metadata"].get("resourceVersion"))
+        with self._guard:
+            return self._written.get(key, indexed)
+
+    def forget(self, key: Key) -> None:
+        with self._guard:
+            self._written.pop(key, None)
+
+
+class RecentPods:
+    """Worker pods this operator created that kopf's pod watch has not delivered yet (for at
+    most RECENT_POD_SECONDS): counted as there, so a reconcile between the POST and its watch
+    event neither creates the pod again nor reports one worker fewer."""
+
+    def __init__(self) -> None:
+        self._created: dict[Key, dict[str, tuple[float, dict[str, Any]]]] = {}
+        self._guard = threading.Lock()
+
+    def created(self, key: Key, body: Mapping[str, Any]) -> None:
+        with self._guard:
+            self._created.setdefault(key, {})[body["metadata"]["name"]] = (time.monotonic(), pod_entry(body))
+
+    def seen(self, key: Key, pod_name: str) -> None:
+        with self._guard:
+            created = self._created.get(key)
+            if created is not None:
+                created.pop(pod_name, None)
+                if not created:
+                    del self._created[key]
+
+    def with_indexed(self, key: Key, indexed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        names = {pod["metadata"]["name"] for pod in indexed}
+        oldest = time.monotonic() - RECENT_POD_SECONDS
+        with self._guard:
+            created = self._created.get(key) or {}
+            recent = [pod for name, (at, pod) in created.items() if name not in names and at >= oldest]
+        return indexed + recent
+
+    def forget(self, key: Key) -> None:
+        with self._guard:
+            self._created.pop(key, None)
+
+
 @dataclasses.dataclass
 class Runtime:
     kube: kube_.Kube
@@ -118,6 +213,16 @@ class Runtime:
     # None: no NetworkPolicy per FineTune; else the peers that may reach the metrics port.
     network_policy_metrics_from: list[dict[str, Any]] | None = None
     locks: Locks = dataclasses.field(default_factory=Locks)
+    latest: LatestCopies = dataclasses.field(default_factory=LatestCopies)
+    retries: Retries = dataclasses.field(default_factory=Retries)
+    recent_pods: RecentPods = dataclasses.field(default_factory=RecentPods)
+
+    def wrote(self, key: Key, body: Mapping[str, Any]) -> None:
+        """What the apiserver answered to one of this operator's writes for FineTune ``key``."""
+        if body.get("kind") == "Pod":
+            self.recent_pods.created(key, body)
+        else:
+            self.latest.wrote(key, body)
 
 
 @dataclasses.dataclass
@@ -188,8 +293,9 @@ def _reconcile(rt: Runtime, handler: str, key: Key, cache: Cache,
                body: Mapping[str, Any] | None = None) -> reconcile.Plan | None:
     namespace, name = key
     with rt.metrics.time_handler(handler), rt.locks.hold(key):
-        finetune, pods, service_exists = cache.observe(key)
-        finetune = finetune or (finetune_entry(body) if body else None)
+        indexed, indexed_pods, service_exists = cache.observe(key)
+        finetune = rt.latest.newest(key, indexed or (finetune_entry(body) if body else None))
+        pods = rt.recent_pods.with_indexed(key, indexed_pods)
         if finetune is None:
             return None
         try:
@@ -198,6 +304,7 @@ def _reconcile(rt: Runtime, handler: str, key: Key, cache: Cache,
                 post_event=post_event, operator_metrics=rt.metrics, default_image=rt.options.trainer_image,
                 allowed_volume_types=rt.allowed_volume_types,
                 network_policy_metrics_from=rt.network_policy_metrics_from,
+                on_write=lambda written: rt.wrote(key, written),
             )
         except kube_.KubeError as e:
             raise kopf.TemporaryError(f"API error while reconciling {namespace}/{name}: {e}",
@@ -212,24 +319,15 @@ def _reconcile(rt: Runtime, handler: str, key: Key, cache: Cache,
         return result
 
 
-def reconcile_change(rt: Runtime, handler: str, key: Key, cache: Cache, body: Mapping[str, Any]) -> None:
-    """create/resume/update: an invalid spec fails the handler for good; kopf retries the rest."""
-    result = _reconcile(rt, handler, key, cache, body)
-    # Only when this call made the transition: later events on a failed FineTune stay quiet.
-    if result is not None and result.validation_failed and "failed" in result.counters:
-        raise kopf.PermanentError(result.status.get("message") or "invalid spec")
-
-
-def reconcile_owner_of_pod(rt: Runtime, key: Key, cache: Cache) -> None:
-    """A worker pod changed: its FineTune's status may have to follow at once. kopf does not
-    retry event handlers, so a failure is retried here, once, after the retry delay."""
+def reconcile_soon(rt: Runtime, handler: str, key: Key, cache: Cache, body: Mapping[str, Any] | None = None) -> None:
+    """Reconcile now (a FineTune or one of its pods changed). kopf does not retry event
+    handlers, so API trouble is retried here after the retry delay, until a reconcile gets
+    through or the FineTune is gone (at most one retry waits per FineTune)."""
     try:
-        _reconcile(rt, "pod-event", key, cache)
+        _reconcile(rt, handler, key, cache, body)
     except kopf.TemporaryError as e:
         logger.warning("%s (retrying in %.0fs)", e, rt.options.retry_delay)
-        retry = threading.Timer(rt.options.retry_delay, _reconcile_quietly, (rt, "retry", key, cache))
-        retry.daemon = True
-        retry.start()
+        rt.retries.schedule(key, rt.options.retry_delay, lambda: reconcile_soon(rt, "retry", key, cache))
 
 
 def _reconcile_quietly(rt: Runtime, handler: str, key: Key, cache: Cache) -> None:
@@ -287,3 +385,5 @@ def forget_finetune(rt: Runtime, key: Key) -> None:
     rt.metrics.forget(*key)
     rt.locks.forget(key)
     rt.scrapes.forget(key)
+    rt.latest.forget(key)
+    rt.recent_pods.forget(key)
