@@ -55,19 +55,21 @@ ALL_OPTIONAL = {
 NAMESPACED = {"rbac": {"namespaced": True}}
 WATCHED = {"watchNamespaces": ["team-a", "team-b"]}
 
-# Every verb the operator may hold per (apiGroup, resource); anything else is a finding.
+# Every verb the operator may hold per (apiGroup, resource); anything else is a finding. The
+# same grants are checked against what the operator really uses (the apiserver's audit log) in
+# test_rbac_audit_cluster.py.
 ALLOWED_VERBS = {
-    # delete: spec.ttlSecondsAfterFinished (operator/finetune_operator/kube.py delete_finetune).
-    ("finetune.dev", "finetunes"): {"get", "list", "watch", "patch", "update", "delete"},
-    ("finetune.dev", "finetunes/status"): {"get", "patch", "update"},
-    ("", "pods"): {"get", "list", "watch", "create", "delete", "patch"},
-    ("", "pods/status"): {"get"},
-    ("", "services"): {"get", "list", "watch", "create", "delete"},
+    # get: a re-read after a write refused as stale; delete: spec.ttlSecondsAfterFinished.
+    ("finetune.dev", "finetunes"): {"get", "list", "watch", "patch", "delete"},
+    ("finetune.dev", "finetunes/status"): {"patch"},
+    ("", "pods"): {"list", "watch", "create", "delete", "patch"},
+    ("", "services"): {"list", "watch", "create"},
     ("", "configmaps"): {"get"},
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
-    ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},
-    ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"},
+    ("", "events"): {"create"},
+    ("networking.k8s.io", "networkpolicies"): {"create"},
+    ("kopf.dev", "kopfpeerings"): {"list", "watch", "patch"},
+    ("kopf.dev", "clusterkopfpeerings"): {"list", "watch", "patch"},
+    # Namespaced mode only (kopf matches its --namespace patterns; --all-namespaces does not).
     ("", "namespaces"): {"list", "watch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
 }
@@ -237,7 +239,7 @@ def test_rbac_rules_are_commented():
     source = (CHART_DIR / "templates" / "_helpers.tpl").read_text() + (CHART_DIR / "templates" / "rbac.yaml").read_text()
     lines = source.splitlines()
     rule_starts = [i for i, line in enumerate(lines) if line.strip().startswith("- apiGroups:")]
-    assert len(rule_starts) >= 12
+    assert len(rule_starts) >= 10  # the scan found the rules (11 in the templates)
     for i in rule_starts:
         assert lines[i - 1].strip().startswith("#"), f"rule without a comment: {lines[i]}"
 

@@ -17,11 +17,11 @@ RELEASE = "ft-test"
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 
 
-def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The chart's objects (helm_python), as installed in OPERATOR_NAMESPACE under RELEASE."""
+def render(values: dict[str, Any] | None = None, release: str = RELEASE) -> list[dict[str, Any]]:
+    """The chart's objects (helm_python), as installed in OPERATOR_NAMESPACE under ``release``."""
     import helm_python as helm  # dev extra: helm-python-sdk
     with helm.Chart.load(CHART) as chart:
-        rendered = chart.render(values or {}, name=RELEASE, namespace=OPERATOR_NAMESPACE, is_install=True)
+        rendered = chart.render(values or {}, name=release, namespace=OPERATOR_NAMESPACE, is_install=True)
     return [doc for path, text in rendered.items() if not path.endswith("NOTES.txt")
             for doc in yaml.safe_load_all(text) if doc]
 
@@ -40,7 +40,8 @@ def operator_command(objects: list[dict[str, Any]]) -> tuple[list[str], dict[str
     return list(container.get("args") or []), env
 
 
-def install_crd_and_chart_rbac(cp, token_duration: str = "1h", values: dict[str, Any] | None = None) -> Path:
+def install_crd_and_chart_rbac(cp, token_duration: str = "1h", values: dict[str, Any] | None = None,
+                               release: str = RELEASE) -> Path:
     """CRD installed; the chart's ServiceAccount + (Cluster)Role(Binding)s; a token kubeconfig for it."""
     cp.kubectl("apply", "-f", str(CRD))
     # Not `kubectl wait`: it fails at once while the new CRD has no conditions yet.
@@ -48,7 +49,7 @@ def install_crd_and_chart_rbac(cp, token_duration: str = "1h", values: dict[str,
                          for c in cp.get_json("crd", "finetunes.finetune.dev").get("status", {}).get("conditions") or []),
              "the FineTune CRD to be established", timeout=60)
     cp.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
-    objects = [o for o in render(values) if o["kind"] in RBAC_KINDS]
+    objects = [o for o in render(values, release) if o["kind"] in RBAC_KINDS]
     assert {o["kind"] for o in objects} >= {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
     cp.apply(objects, namespace=OPERATOR_NAMESPACE)
     account = next(o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount")

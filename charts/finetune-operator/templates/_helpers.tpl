@@ -121,27 +121,26 @@ RBAC rules for what the operator does inside a watched namespace. Shared by the 
 operator makes; nothing is "*".
 */}}
 {{- define "finetune-operator.workloadRules" -}}
-# Watch FineTunes; patch for kopf's finalizer and its progress annotations; delete for
-# spec.ttlSecondsAfterFinished (the operator removes finished FineTunes itself).
+# Watch FineTunes (kopf's watch and index); patch for the applied-spec annotation and kopf's
+# finalizer while a clock daemon runs; get to re-read one after a write refused as stale;
+# delete for spec.ttlSecondsAfterFinished (the operator removes finished FineTunes itself).
 - apiGroups: ["finetune.dev"]
   resources: ["finetunes"]
-  verbs: ["get", "list", "watch", "patch", "update", "delete"]
-# Report phase, progress and metrics in .status.
+  verbs: ["get", "list", "watch", "patch", "delete"]
+# Report phase, progress and metrics in .status (merge and JSON patches; never read apart).
 - apiGroups: ["finetune.dev"]
   resources: ["finetunes/status"]
-  verbs: ["get", "patch", "update"]
-# Trainer pods: one per worker; deleted on restart/suspend/TTL; patched for labels/annotations.
+  verbs: ["patch"]
+# Trainer pods (watched by label): one per worker; deleted on restart/suspend/deadline;
+# patched with activeDeadlineSeconds to stop the rest of a failed run.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "create", "delete", "patch"]
-# Read container exit codes and conditions of the trainer pods.
-- apiGroups: [""]
-  resources: ["pods/status"]
-  verbs: ["get"]
-# Headless Service per FineTune so workers find the rendezvous host (worker 0).
+  verbs: ["list", "watch", "create", "delete", "patch"]
+# Headless Service per FineTune so workers find the rendezvous host (worker 0); watched by
+# label, removed by garbage collection with its FineTune.
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch", "create", "delete"]
+  verbs: ["list", "watch", "create"]
 {{- if .Values.networkPolicy.enabled }}
 # networkPolicy.enabled: one NetworkPolicy per FineTune, created before its Service (never read).
 - apiGroups: ["networking.k8s.io"]
@@ -152,26 +151,28 @@ operator makes; nothing is "*".
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get"]
-# kopf posts Kubernetes events about handler progress and failures (core API).
+# kopf posts Kubernetes events (core API, create only) about FineTunes.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-# The same events through the events.k8s.io API, used by newer clients.
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end -}}
 
 {{/*
 RBAC rules kopf needs at cluster scope in every mode: it discovers and watches CRDs to find
-the resources it serves, and lists/watches namespaces to resolve --namespace patterns.
-Read-only.
+the resources it serves. Read-only.
 */}}
 {{- define "finetune-operator.scanningRules" -}}
 # kopf scans CRDs to find the FineTune and peering resources, and follows their changes.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
+{{- end -}}
+
+{{/*
+Namespaced mode only: kopf follows namespaces to match its --namespace patterns (with
+--all-namespaces it does not).
+*/}}
+{{- define "finetune-operator.namespaceRules" -}}
 # kopf follows namespaces to match its --namespace patterns (names only, read-only).
 - apiGroups: [""]
   resources: ["namespaces"]
