@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 from typing import Any, Mapping, Sequence
 
 from finetune.config import TrainConfig
@@ -100,9 +99,8 @@ def spec_hash(spec: Mapping[str, Any]) -> str:
 
 
 def trainer_image(spec: Mapping[str, Any], default: str | None = None) -> str:
-    if spec.get("image"):
-        return str(spec["image"])
-    return default or os.environ.get(TRAINER_IMAGE_ENV) or DEFAULT_TRAINER_IMAGE
+    """spec.image, else the operator's setting (``default``, from main.Options), else the built-in one."""
+    return str(spec.get("image") or default or DEFAULT_TRAINER_IMAGE)
 
 
 def service_name(name: str) -> str:

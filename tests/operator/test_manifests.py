@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+import os
 import sys
 
 import pytest
@@ -15,6 +16,7 @@ from finetune_operator import manifests as m
 from finetune_operator import metrics as operator_metrics
 from finetune_operator import reconcile, scrape, validation
 from finetune_operator import status as st
+from finetune_operator.main import Options
 
 from pathlib import Path
 
@@ -193,10 +195,15 @@ def test_custom_model_config_is_mounted_from_the_configmap():
 def test_image_comes_from_spec_then_operator_setting(monkeypatch):
     sample = load_sample("cpu-smoke")
     monkeypatch.setenv("FINETUNE_TRAINER_IMAGE", "registry.local/trainer:dev")
-    assert m.build_worker_pod("a", "ml", sample["spec"], 0, finetune_body(sample))["spec"]["containers"][0]["image"] \
-        == "registry.local/trainer:dev"
+    options = Options.from_environment(os.environ)  # the one place the environment is read
+
+    def image(spec: dict, default: str | None) -> str:
+        return m.build_worker_pod("a", "ml", spec, 0, finetune_body(sample), 0, default)["spec"]["containers"][0]["image"]
+
+    assert image(sample["spec"], options.trainer_image) == "registry.local/trainer:dev"
+    assert image(sample["spec"], None) == m.DEFAULT_TRAINER_IMAGE  # manifests never read the environment
     sample["spec"]["image"] = "mine:1"
-    assert m.build_worker_pod("a", "ml", sample["spec"], 0, finetune_body(sample))["spec"]["containers"][0]["image"] == "mine:1"
+    assert image(sample["spec"], options.trainer_image) == "mine:1"
 
 
 def test_defaults_and_spec_hash_ignore_mutable_fields():
@@ -589,3 +596,28 @@ def test_failure_detail_is_the_trainers_error_line_not_the_launchers_summary():
     assert _last_line(log) == "[rank 1] error: --hyp foo: unknown hyperparameter; known: box, cls"
     assert _last_line("just a crash\n") == "just a crash"
     assert _last_line(None) == ""
+
+
+def _crd_defaults(schema: dict, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    """Every ``default:`` under a schema, by path (an empty-object default only makes room for
+    the defaults inside it)."""
+    found: dict[tuple[str, ...], object] = {}
+    for key, prop in (schema.get("properties") or {}).items():
+        if "default" in prop and prop["default"] != {}:
+            found[path + (key,)] = prop["default"]
+        found.update(_crd_defaults(prop, path + (key,)))
+    return found
+
+
+def _leaves(value: object, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    if not isinstance(value, dict):
+        return {path: value}
+    return {leaf: v for key, item in value.items() for leaf, v in _leaves(item, path + (key,)).items()}
+
+
+def test_operator_defaults_are_the_crds_defaults():
+    """with_defaults (applied once per reconcile) fills in exactly what the apiserver would."""
+    crd = yaml.safe_load((Path(__file__).resolve().parents[2] / "crds" / "finetune.dev_finetunes.yaml").read_text())
+    (version,) = crd["spec"]["versions"]
+    spec_schema = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert _leaves(m.with_defaults({})) == _crd_defaults(spec_schema)
