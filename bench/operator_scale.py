@@ -280,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         chart_args, chart_env = chart_operator_command()
         results: dict[str, Any] = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                                    "label": args.label, "chart_args": chart_args, "chart_env": chart_env,
-                                   "finetunes": args.finetunes, "workers": WORKERS, "idle_finetunes": args.idle}
+                                   "finetunes": args.finetunes, "workers": WORKERS, "idle_finetunes": args.idle,
+                                   # The machine is shared: how busy it was (1/5/15 min) bears on every figure.
+                                   "load_average_start": [round(x, 2) for x in os.getloadavg()]}
         work = Path(cp.dir)
 
         def start(name: str, argv: list[str], env: dict[str, str]) -> Process:
@@ -338,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"  idle: {results['idle']['requests_per_second']} requests/s, peak RSS "
             f"{results['idle']['peak_rss_mib']} MiB, phases {phases}")
         operator.stop()
+        results["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
         p99_min, p99_op = results["minimal"]["latency_p99_s"], results["operator"]["latency_p99_s"]
         results["p99_ratio"] = round(p99_op / p99_min, 2) if p99_min and p99_op else None
         results["targets"] = {
@@ -361,6 +364,7 @@ def write_results(args: argparse.Namespace, r: dict[str, Any]) -> None:
     lines = [
         f"# Operator scale ({r['date']})", "",
         f"{r['label']}".strip() or "(no label)", "",
+        f"Load average (1/5/15 min) at the start {r.get('load_average_start')}, at the end {r.get('load_average_end')}.", "",
         f"Burst of {r['finetunes']} FineTunes x {r['workers']} workers; latency = FineTune ADDED -> last pod ADDED "
         "(the benchmark's own watch).", "",
         "| operator | complete | p50 s | p99 s | max s | API requests | peak RSS MiB |",
@@ -386,11 +390,18 @@ def write_results(args: argparse.Namespace, r: dict[str, Any]) -> None:
                      "Every run:\n\n| date (UTC) | code | N | minimal p50 / p99 s | finetune p50 / p99 s | p99 ratio | "
                      "burst requests (minimal / finetune) | idle FineTunes | idle req/s | idle peak RSS MiB |\n"
                      "|---|---|---|---|---|---|---|---|---|---|\n")
-        text = text.rstrip("\n") + "\n" + (
-            f"| {r['date']} | {r['label']} | {r['finetunes']} | {mn['latency_p50_s']} / {mn['latency_p99_s']} | "
-            f"{op['latency_p50_s']} / {op['latency_p99_s']} | {r['p99_ratio']} | {mn['api_requests']} / "
-            f"{op['api_requests']} | {idle['finetunes']} | {idle['requests_per_second']} | {idle['peak_rss_mib']} |\n")
-        readme.write_text(text)
+        row = (f"| {r['date']} | {r['label']} | {r['finetunes']} | {mn['latency_p50_s']} / {mn['latency_p99_s']} | "
+               f"{op['latency_p50_s']} / {op['latency_p99_s']} | {r['p99_ratio']} | {mn['api_requests']} / "
+               f"{op['api_requests']} | {idle['finetunes']} | {idle['requests_per_second']} | {idle['peak_rss_mib']} |")
+        # Right after the table's last row (other sections may follow it).
+        lines = text.rstrip("\n").split("\n")
+        at = next(i for i, line in enumerate(lines) if line == header)
+        while at + 1 < len(lines) and not lines[at + 1].startswith("|"):
+            at += 1
+        while at + 1 < len(lines) and lines[at + 1].startswith("|"):
+            at += 1
+        lines.insert(at + 1, row)
+        readme.write_text("\n".join(lines) + "\n")
     say(f"wrote {args.out.with_suffix('.json')} and .md")
 
 
