@@ -49,8 +49,8 @@ def _cache(finetunes_by_name: kopf.Index, worker_pods_by_finetune: kopf.Index,
 # A plain event handler rather than kopf's create/update/resume handlers: those record their
 # progress and the last handled spec in annotations, one more write per FineTune and a new
 # resourceVersion after every reconcile. The reconcile is level-triggered, so every change of
-# the FineTune (the first listing after a restart included) simply reconciles it; a change that
-# is the operator's own last write plans to do nothing.
+# the FineTune (the first listing after a restart included) simply reconciles it, except the
+# operator's own last write (see runtime.finetune_changed).
 @kopf.on.event(m.GROUP, m.VERSION, m.PLURAL)
 def finetune_changed(type: str, namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,  # noqa: A002
                      finetunes_by_name: kopf.Index, worker_pods_by_finetune: kopf.Index,
@@ -62,7 +62,7 @@ def finetune_changed(type: str, namespace: str, name: str, body: kopf.Body, memo
         runtime.forget_finetune(memo.runtime, (namespace, name))
         return
     cache = _cache(finetunes_by_name, worker_pods_by_finetune, services_by_finetune)
-    runtime.reconcile_soon(memo.runtime, "finetune-event", (namespace, name), cache, body)
+    runtime.finetune_changed(memo.runtime, (namespace, name), cache, body)
 
 
 def _has_clock(body: kopf.Body, **_: Any) -> bool:
@@ -78,7 +78,8 @@ async def finetune_clock(namespace: str, name: str, body: kopf.Body, memo: kopf.
 
 
 @kopf.on.event("", "v1", "pods", labels=OWNED_LABELS)
-def worker_pod_event(namespace: str, labels: kopf.Labels, memo: kopf.Memo, finetunes_by_name: kopf.Index,
-                     worker_pods_by_finetune: kopf.Index, services_by_finetune: kopf.Index, **_: Any) -> None:
+def worker_pod_event(namespace: str, labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo,
+                     finetunes_by_name: kopf.Index, worker_pods_by_finetune: kopf.Index,
+                     services_by_finetune: kopf.Index, **_: Any) -> None:
     cache = _cache(finetunes_by_name, worker_pods_by_finetune, services_by_finetune)
-    runtime.reconcile_soon(memo.runtime, "pod-event", (namespace, labels[m.LABEL_FINETUNE]), cache)
+    runtime.worker_pod_changed(memo.runtime, (namespace, labels[m.LABEL_FINETUNE]), body, cache)

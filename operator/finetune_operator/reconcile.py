@@ -322,7 +322,7 @@ def _progress(p: Plan, run: _Run, default_image: str | None) -> None:
     name, namespace = run.name, run.finetune["metadata"]["namespace"]
     if run.stale or run.terminating:
         waiting = sorted({pod["metadata"]["name"] for pod in run.stale + run.terminating})
-        p.status["message"] = f"waiting for old worker pod(s) to terminate: {', '.join(waiting)}"
+        p.status["message"] = _restart_reason(p, run, f"waiting for old worker pod(s) to terminate: {', '.join(waiting)}")
         return
     for index in run.missing:
         p.create_pods.append(m.build_worker_pod(name, namespace, run.effective, index, run.finetune,
@@ -354,11 +354,17 @@ def _progress(p: Plan, run: _Run, default_image: str | None) -> None:
     if run.phase in (None, st.RUNNING):
         p.status = st.enter_phase(p.status, st.PENDING, "WaitingForWorkers", message, run.now)
     elif run.phase == st.RESTARTING:
-        # Keep saying why it restarts until every worker runs again.
-        restarting = st.get_condition(p.status.get("conditions"), st.RESTARTING) or {}
-        p.status["message"] = f"{restarting.get('message', 'restarting')}; {message}"
+        p.status["message"] = _restart_reason(p, run, message)
     else:
         p.status["message"] = message
+
+
+def _restart_reason(p: Plan, run: _Run, message: str) -> str:
+    """While restarting, keep saying why until every worker runs again."""
+    if run.phase != st.RESTARTING:
+        return message
+    restarting = st.get_condition(p.status.get("conditions"), st.RESTARTING) or {}
+    return f"{restarting.get('message', 'restarting')}; {message}"
 
 
 def _check_spec_change(p: Plan, spec: Mapping[str, Any], applied: Mapping[str, Any], now: dt.datetime) -> None:

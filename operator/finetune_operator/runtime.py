@@ -131,6 +131,7 @@ class ScrapePool:
     def forget(self, key: Key) -> None:
         with self._guard:
             self._written.pop(key, None)
+            self._last_version.pop(key, None)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -144,11 +145,20 @@ class LatestCopies:
 
     def __init__(self) -> None:
         self._written: dict[Key, dict[str, Any]] = {}
+        # Kept after the watch caught up: its event for this version needs no reconcile.
+        self._last_version: dict[Key, str] = {}
         self._guard = threading.Lock()
 
     def wrote(self, key: Key, body: Mapping[str, Any]) -> None:
+        entry = finetune_entry(body)
         with self._guard:
-            self._written[key] = finetune_entry(body)
+            self._written[key] = entry
+            self._last_version[key] = entry["metadata"]["resourceVersion"]
+
+    def is_last_known(self, key: Key, resource_version: str | None) -> bool:
+        """This version is the one the operator last planned from and wrote (or read)."""
+        with self._guard:
+            return resource_version is not None and self._last_version.get(key) == resource_version
 
     def seen(self, key: Key, resource_version: str | None) -> None:
         """The watch delivered this version: the index has caught up if it is the one written."""
@@ -167,6 +177,7 @@ class LatestCopies:
     def forget(self, key: Key) -> None:
         with self._guard:
             self._written.pop(key, None)
+            self._last_version.pop(key, None)
 
 
 class RecentPods:
@@ -176,11 +187,24 @@ class RecentPods:
 
     def __init__(self) -> None:
         self._created: dict[Key, dict[str, tuple[float, dict[str, Any]]]] = {}
+        # The version each pod was created as, until its first event has been handled.
+        self._created_version: dict[Key, dict[str, str]] = {}
         self._guard = threading.Lock()
 
     def created(self, key: Key, body: Mapping[str, Any]) -> None:
+        name = body["metadata"]["name"]
         with self._guard:
-            self._created.setdefault(key, {})[body["metadata"]["name"]] = (time.monotonic(), pod_entry(body))
+            self._created.setdefault(key, {})[name] = (time.monotonic(), pod_entry(body))
+            self._created_version.setdefault(key, {})[name] = body["metadata"].get("resourceVersion")
+
+    def is_as_created(self, key: Key, pod_name: str, resource_version: str | None) -> bool:
+        """This pod event shows the pod exactly as this operator created it (asked once per pod)."""
+        with self._guard:
+            versions = self._created_version.get(key) or {}
+            created = versions.pop(pod_name, None)
+            if not versions:
+                self._created_version.pop(key, None)
+            return created is not None and created == resource_version
 
     def seen(self, key: Key, pod_name: str) -> None:
         with self._guard:
@@ -201,6 +225,7 @@ class RecentPods:
     def forget(self, key: Key) -> None:
         with self._guard:
             self._created.pop(key, None)
+            self._created_version.pop(key, None)
 
 
 @dataclasses.dataclass
@@ -317,6 +342,24 @@ def _reconcile(rt: Runtime, handler: str, key: Key, cache: Cache,
             if url:
                 rt.scrapes.submit(rt, key, url, result.status)
         return result
+
+
+def finetune_changed(rt: Runtime, key: Key, cache: Cache, body: Mapping[str, Any]) -> None:
+    """Any change of the FineTune but the one this operator just made: the plan that wrote a
+    version already did what that version calls for (pod events and later changes reconcile
+    again), so planning it once more would only cost a thread and find nothing to do."""
+    if rt.latest.is_last_known(key, (body.get("metadata") or {}).get("resourceVersion")):
+        return
+    reconcile_soon(rt, "finetune-event", key, cache, body)
+
+
+def worker_pod_changed(rt: Runtime, key: Key, pod: Mapping[str, Any], cache: Cache) -> None:
+    """A worker pod changed: its FineTune's status may have to follow at once; unless the event
+    shows the pod as this operator created it (the creating plan counted it already)."""
+    meta = pod.get("metadata") or {}
+    if rt.recent_pods.is_as_created(key, meta.get("name", ""), meta.get("resourceVersion")):
+        return
+    reconcile_soon(rt, "pod-event", key, cache)
 
 
 def reconcile_soon(rt: Runtime, handler: str, key: Key, cache: Cache, body: Mapping[str, Any] | None = None) -> None:

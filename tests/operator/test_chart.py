@@ -69,7 +69,7 @@ ALLOWED_VERBS = {
     ("networking.k8s.io", "networkpolicies"): {"create"},
     ("kopf.dev", "kopfpeerings"): {"list", "watch", "patch"},
     ("kopf.dev", "clusterkopfpeerings"): {"list", "watch", "patch"},
-    # Namespaced mode only (kopf matches its --namespace patterns; --all-namespaces does not).
+    # kopf matches its --namespace patterns (--all-namespaces does not; see test_rbac_audit_cluster).
     ("", "namespaces"): {"list", "watch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
 }

@@ -34,6 +34,10 @@ NOT_EXERCISED: dict[Use, str] = {
     ("get", "finetune.dev", "finetunes", ""):
         "read only after a write was refused because the operator's copy was stale: a race this "
         "scenario cannot force (test_operator_scale_cluster forces it by calling reconcile directly)",
+    **{(verb, "", "namespaces", ""):
+       "kopf follows namespaces only when started with --namespace (the chart's namespaced mode, and "
+       "the operator tests, which run the cluster-mode RBAC with --namespace); the chart's cluster "
+       "mode runs --all-namespaces" for verb in ("list", "watch")},
 }
 
 

@@ -159,21 +159,16 @@ operator makes; nothing is "*".
 
 {{/*
 RBAC rules kopf needs at cluster scope in every mode: it discovers and watches CRDs to find
-the resources it serves. Read-only.
+the resources it serves, and lists/watches namespaces to resolve --namespace patterns.
+Read-only.
 */}}
 {{- define "finetune-operator.scanningRules" -}}
 # kopf scans CRDs to find the FineTune and peering resources, and follows their changes.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
-{{- end -}}
-
-{{/*
-Namespaced mode only: kopf follows namespaces to match its --namespace patterns (with
---all-namespaces it does not).
-*/}}
-{{- define "finetune-operator.namespaceRules" -}}
-# kopf follows namespaces to match its --namespace patterns (names only, read-only).
+# kopf follows namespaces to match its --namespace patterns (names only, read-only); kept in
+# cluster mode too, where an operator started with --namespace still needs it.
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
