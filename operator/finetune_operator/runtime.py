@@ -37,9 +37,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (namespace, FineTune name)
-# A daemon that waits for a far deadline looks at the (live) body again this often, so an
-# edited deadline or TTL is noticed; the look itself makes no API call.
-LONGEST_SLEEP_SECONDS = 300.0
 # A pod this operator created counts as there this long before kopf's watch delivers it (it
 # usually does within a second; a pod deleted before a watch relist may never be delivered).
 RECENT_POD_SECONDS = 30.0
@@ -417,7 +414,10 @@ async def run_clock(rt: Runtime, key: Key, body: Mapping[str, Any], stopped: Any
             await stopped.wait()
             return
         if due > 0:
-            await stopped.wait(min(due, LONGEST_SLEEP_SECONDS))
+            # Look at the (live) body again every poll interval, not only at the deadline: a
+            # Pending FineTune with an activeDeadlineSeconds becomes Running (due now, for its
+            # metrics) long before its deadline. The look itself makes no API call.
+            await stopped.wait(min(due, rt.options.poll_interval))
             continue
         await asyncio.to_thread(_reconcile_quietly, rt, "clock", key, cache)
         await stopped.wait(rt.options.poll_interval)
