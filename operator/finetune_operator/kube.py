@@ -150,27 +150,6 @@ class Kube:
                 raise StaleObject(e.status, e.reason, e.message) from e
             raise
 
-    def patch_finetune_status_if(self, namespace: str, name: str, expected: Mapping[str, Any],
-                                 patch: Mapping[str, Any]) -> dict[str, Any]:
-        """Apply a top-level status merge ``patch`` only if the status is still ``expected``
-        (a JSON-patch ``test``); returns the object as the apiserver now has it.
-
-        Unlike a resourceVersion precondition, this is not refused by writes that leave the status
-        alone (kopf's own annotations and finalizer). A failed test is a 422, raised as
-        StaleObject: the status patch itself is built from schema-valid values, so a 422 here
-        means the status changed (the caller reads it again; a real error shows up again)."""
-        ops: list[dict[str, Any]] = [{"op": "test", "path": "/status", "value": dict(expected)}]
-        for key, value in patch.items():
-            pointer = "/status/" + key.replace("~", "~0").replace("/", "~1")
-            ops.append({"op": "remove", "path": pointer} if value is None else {"op": "add", "path": pointer, "value": value})
-        try:
-            return self.request("PATCH", self.finetune_path(namespace, name) + "/status", body=ops,
-                                content_type="application/json-patch+json")
-        except KubeError as e:
-            if e.status == 422:
-                raise StaleObject(e.status, e.reason, e.message) from e
-            raise
-
     def delete_finetune(self, namespace: str, name: str, uid: str) -> None:
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background",
                 "preconditions": {"uid": uid}}

@@ -488,15 +488,15 @@ def _is_quota_refusal(error: kube_.KubeError) -> bool:
 
 def _write_status(kube: kube_.Kube, current: Mapping[str, Any], patch: Mapping[str, Any],
                   on_write: WriteListener | None) -> dict[str, Any]:
-    """Patch the status only if it is still what ``current`` (the copy planned from) says; an
-    empty patch only checks that. Returns the FineTune as written."""
+    """Patch the status only if the FineTune is still the version ``current`` (the copy planned
+    from) is; an empty patch only checks that. Returns the FineTune as written.
+
+    A resourceVersion precondition, not a JSON-patch ``test`` of the status: the apiserver
+    compares a test's numbers by their JSON text, and Go writes 9.1e-05 as 0.000091, so a
+    status holding a small float never passed its own test (a restart then never got written)."""
     meta = current["metadata"]
-    expected = current.get("status") or {}
-    if expected:
-        written = kube.patch_finetune_status_if(meta["namespace"], meta["name"], expected, patch)
-    else:  # a FineTune without status yet: nothing to compare but its version
-        written = kube.patch_finetune(meta["namespace"], meta["name"], {"status": dict(patch)}, status=True,
-                                      resource_version=meta.get("resourceVersion"))
+    written = kube.patch_finetune(meta["namespace"], meta["name"], {"status": dict(patch)}, status=True,
+                                  resource_version=meta.get("resourceVersion"))
     if on_write:
         on_write(written)
     return written
