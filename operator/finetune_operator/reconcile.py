@@ -453,8 +453,7 @@ def reconcile(
     (kopf's bodies and indexes: no reads). None if it is being deleted.
 
     The caller's copy of the FineTune may lag behind the operator's own writes. Every write to
-    it is conditional on what it was planned from (the status; the resourceVersion for the
-    annotation that starts a run), so a plan made from a stale copy (which could count a restart
+    it is conditional on the resourceVersion it was planned from, so a plan made from a stale copy (which could count a restart
     twice) is refused by the apiserver; then the FineTune is read once and planned again. What
     the apiserver answers to each write (and that read) goes to ``on_write``, so the caller can
     plan from it before its watch has caught up. One reconcile per FineTune at a time is the
