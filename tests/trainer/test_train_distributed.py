@@ -42,6 +42,17 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
+def assert_same_run(out, ref) -> None:
+    """A resumed run ended where the uninterrupted reference did: per-epoch losses and weights."""
+    for a, b in zip(read_rows(out / "results.csv"), read_rows(ref / "results.csv"), strict=True):
+        assert float(a["train/box_loss"]) == pytest.approx(float(b["train/box_loss"]), rel=1e-3, abs=1e-5)
+    ref_w = torch.load(ref / "last.pt", weights_only=True)["model"]
+    res_w = torch.load(out / "last.pt", weights_only=True)["model"]
+    for k in ref_w:
+        if ref_w[k].is_floating_point():
+            torch.testing.assert_close(res_w[k], ref_w[k], rtol=1e-3, atol=1e-4)
+
+
 def test_torchrun_two_ranks_train_checkpoint_and_serve_metrics(tiny_dataset, tmp_path):
     out = tmp_path / "run"
     port = free_port()
@@ -135,14 +146,7 @@ def test_interrupted_torchrun_run_resumes_to_the_same_epoch_count(tiny_dataset, 
     assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
     assert json.loads((out / "metrics.json").read_text())["epochs_completed"] == epochs
     # Same seed, same data order, same schedule: the resumed run ends where the reference did.
-    ref_rows = read_rows(ref / "results.csv")
-    for a, b in zip(rows, ref_rows):
-        assert float(a["train/box_loss"]) == pytest.approx(float(b["train/box_loss"]), rel=1e-3, abs=1e-5)
-    ref_w = torch.load(ref / "last.pt", weights_only=True)["model"]
-    res_w = torch.load(out / "last.pt", weights_only=True)["model"]
-    for k in ref_w:
-        if ref_w[k].is_floating_point():
-            torch.testing.assert_close(res_w[k], ref_w[k], rtol=1e-3, atol=1e-4)
+    assert_same_run(out, ref)
 
 
 def test_batch_not_divisible_by_world_size_is_a_one_line_error(tiny_dataset, tmp_path):
@@ -206,15 +210,9 @@ def test_sigterm_mid_epoch_saves_the_position_and_resume_continues_from_that_bat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     messages = [json.loads(line)["msg"] for line in resumed.stderr.splitlines() if line.startswith("{")]
     assert f"resuming epoch 2 after batch {batches_done}, where SIGTERM stopped it" in messages, messages[:5]
-    rows, ref_rows = read_rows(out / "results.csv"), read_rows(ref / "results.csv")
+    rows = read_rows(out / "results.csv")
     assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
     # Work lost to the stop: batches computed twice / batches per epoch. The resumed attempt
     # starts right after the saved batch, so none are; the epoch's losses, averaged over both
     # attempts, and the final weights match the uninterrupted run.
-    for a, b in zip(rows, ref_rows):
-        assert float(a["train/box_loss"]) == pytest.approx(float(b["train/box_loss"]), rel=1e-3, abs=1e-5)
-    ref_w = torch.load(ref / "last.pt", weights_only=True)["model"]
-    res_w = torch.load(out / "last.pt", weights_only=True)["model"]
-    for k in ref_w:
-        if ref_w[k].is_floating_point():
-            torch.testing.assert_close(res_w[k], ref_w[k], rtol=1e-3, atol=1e-4)
+    assert_same_run(out, ref)
