@@ -134,6 +134,16 @@ class ScrapePool:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _not_older(version: str | None, than: str | None) -> bool:
+    """``version`` is ``than`` or later. resourceVersions are opaque, but etcd's are increasing
+    integers; anything else only compares equal."""
+    if version is None or than is None:
+        return False
+    if version.isdigit() and than.isdigit():
+        return int(version) >= int(than)
+    return version == than
+
+
 class LatestCopies:
     """What the apiserver answered to this operator's last write of each FineTune, kept until
     kopf's watch has delivered that version (a watch delivers versions in order, so until then
@@ -158,10 +168,13 @@ class LatestCopies:
             return resource_version is not None and self._last_version.get(key) == resource_version
 
     def seen(self, key: Key, resource_version: str | None) -> None:
-        """The watch delivered this version: the index has caught up if it is the one written."""
+        """The watch delivered this version: the index has caught up if it is the one written
+        or a later one (kopf batches a burst of events and hands over only the last, so the
+        version written may never be delivered on its own; keeping the written copy then would
+        hide a user's later change, e.g. a resume)."""
         with self._guard:
             written = self._written.get(key)
-            if written is not None and written["metadata"]["resourceVersion"] == resource_version:
+            if written is not None and _not_older(resource_version, written["metadata"]["resourceVersion"]):
                 del self._written[key]
 
     def newest(self, key: Key, indexed: dict[str, Any] | None) -> dict[str, Any] | None:
