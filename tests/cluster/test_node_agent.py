@@ -8,46 +8,26 @@ security context's user, deletion/deadline kills, and that nothing is left behin
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
+from support import load_module, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 HERE = Path(__file__).resolve().parent
 
 
-def _load(name: str, file: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, HERE / file)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+na = load_module("finetune_tests_node_agent", HERE / "node_agent.py")
 
 
-na = _load("finetune_tests_node_agent", "node_agent.py")
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = 30, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture(scope="module")
