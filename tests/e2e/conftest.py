@@ -11,11 +11,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+from support import load_module
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -25,19 +25,9 @@ if str(HERE) not in sys.path:
 from prometheus import prometheus_installed, prometheus_sd, prometheus_server  # noqa: E402,F401
 
 
-def _load(name: str, path: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-node_agent_module = _load("finetune_tests_node_agent", REPO / "tests" / "cluster" / "node_agent.py")
+node_agent_module = load_module("finetune_tests_node_agent", REPO / "tests" / "cluster" / "node_agent.py")
 # The operator helpers (Operator, Cluster, wait_for, constants) of tests/operator, reused as they are.
-operator_helpers = _load("finetune_tests_operator_cluster", REPO / "tests" / "operator" / "test_operator_cluster.py")
+operator_helpers = load_module("finetune_tests_operator_cluster", REPO / "tests" / "operator" / "test_operator_cluster.py")
 
 
 @pytest.fixture(scope="session")
