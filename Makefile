@@ -38,9 +38,10 @@ cluster-demo: setup
 images: setup
 	$(PY) docker/images.py build
 
-# The images run as a cluster runs them (runc; tests/images): training, the operator on the control plane.
+# The images run as a cluster runs them (runc; tests/images): training, the operator on the
+# control plane, the node agent's image mode. Part of `make test` too.
 test-images: images
-	FINETUNE_IMAGE_TESTS=1 $(PY) -m pytest tests/images
+	$(PY) -m pytest tests/images
 
 bench: setup
 	$(PY) bench/freeze.py
@@ -50,8 +51,10 @@ device-wheels: setup
 	$(VENV)/bin/pip download -q --only-binary=:all: --no-deps --python-version 3.12 \
 	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .device-wheels pycocotools==2.0.11
 
-test: setup
-	$(PY) -m pytest
+# The whole suite (what .ci/run calls). The images first: tests/images and the end-to-end
+# test (its worker pods run from the trainer image) use them; cached by their inputs' hash.
+test: setup images
+	$(PY) -m pytest --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not cluster"

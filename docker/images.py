@@ -212,6 +212,7 @@ def wheelhouse() -> Path:
         pip = VENV / "bin" / "pip"
         if not pip.exists():
             raise ImageError(f"{pip} missing: run `make setup` first")
+        started = time.monotonic()
         say(f"collecting {len(reqs)} requirements and their dependencies into {directory} (this machine's pip)")
         partial = directory.with_suffix(".partial")
         shutil.rmtree(partial, ignore_errors=True)
@@ -224,6 +225,7 @@ def wheelhouse() -> Path:
                              + log.read_text()[-3000:])
         (partial / ".complete").touch()
         partial.rename(directory)
+        say(f"wheelhouse collected in {time.monotonic() - started:.0f}s")
     return directory
 
 
@@ -513,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", choices=[[], *IMAGES], default=[])
     options = parser.parse_args(argv)
     names = options.names or list(IMAGES)
+    started = time.monotonic()
     try:
         if options.command == "base":
             ensure_host_packages()
@@ -532,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"PROBLEM: {problem}")
     if not problems:
         say("all image checks passed: " + ", ".join(refs.values()))
+    # What `make images` (and so `make test`) spent here: CI's added time, cached or not.
+    say(f"{options.command} {' '.join(names)}: {time.monotonic() - started:.0f}s in all")
     return 1 if problems else 0
 
 

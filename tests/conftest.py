@@ -13,6 +13,16 @@ Cluster fixtures (see tests/cluster/README.md):
 * ``kubeconfig`` (session): path of the admin kubeconfig.
 
 Any test using them is marked ``cluster`` automatically.
+
+Image fixtures (docker/images.py, ``make images``):
+
+* ``trainer_image``/``operator_image`` (session): the tag of the image built from this
+  checkout (``localhost/finetune-<name>:<input hash>``). Built, or found in the cache by
+  its input hash, once, after collection, when a selected test uses the fixture: a first
+  build takes minutes and must not count against a test's pytest-timeout. A failed build
+  makes those tests error with the build's output; they are never skipped. ``make test``
+  builds both first (``make images``), so pytest only finds them.
+* ``images`` (session): docker/images.py itself (image_config, rootfs, oci_spec, check ...).
 """
 
 from __future__ import annotations
@@ -28,6 +38,10 @@ import pytest
 
 _CLUSTER_DIR = Path(__file__).resolve().parent / "cluster"
 _CLUSTER_FIXTURES = {"control_plane", "kubectl", "namespace", "kubeconfig"}
+_IMAGES_PY = Path(__file__).resolve().parents[1] / "docker" / "images.py"
+_IMAGE_FIXTURES = {"trainer_image": "trainer", "operator_image": "operator"}
+_IMAGE_REFS: dict[str, str] = {}
+_IMAGE_ERRORS: dict[str, str] = {}
 
 
 def _load_control_plane_module():
@@ -55,12 +69,64 @@ def pytest_collection_modifyitems(config, items):
 _BUILD_ERROR: str | None = None
 
 
-def pytest_collection_finish(session):
-    """Build the binaries once, before the first test, when a selected test needs them.
+def load_images_module():
+    """docker/images.py, loaded by path under a fixed name (docker/ is no package)."""
+    name = "finetune_tests_images"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, _IMAGES_PY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
-    Done here rather than in the fixture so that the ~5-10 minute first build is not
-    counted against a test's pytest-timeout. A failure is reported by the fixture.
+
+def pytest_collection_finish(session):
+    """Build what the selected tests need once, before the first test: the control plane's
+    binaries, then the images (see the module docstring).
+
+    Done here rather than in the fixtures so that a first build (minutes) is not counted
+    against a test's pytest-timeout. A failure is reported by the fixture, as a test error.
     """
+    _build_control_plane(session)
+    _build_images(session)
+
+
+def _build_images(session):
+    wanted = sorted({image for item in session.items for fixture, image in _IMAGE_FIXTURES.items()
+                     if fixture in getattr(item, "fixturenames", ())})
+    if not wanted:
+        return
+    images = load_images_module()
+    for name in wanted:
+        try:
+            _IMAGE_REFS[name] = images.build(name)
+        except Exception as error:  # reported by the fixture, as a test error
+            _IMAGE_ERRORS[name] = f"building the {name} image failed: {error}"
+
+
+def _image(name: str) -> str:
+    if name in _IMAGE_ERRORS:
+        pytest.fail(_IMAGE_ERRORS[name], pytrace=False)
+    return _IMAGE_REFS[name]
+
+
+@pytest.fixture(scope="session")
+def images():
+    return load_images_module()
+
+
+@pytest.fixture(scope="session")
+def trainer_image() -> str:
+    return _image("trainer")
+
+
+@pytest.fixture(scope="session")
+def operator_image() -> str:
+    return _image("operator")
+
+
+def _build_control_plane(session):
     global _BUILD_ERROR
     if not any(_CLUSTER_FIXTURES.intersection(getattr(i, "fixturenames", ())) for i in session.items):
         return

@@ -1,9 +1,11 @@
 """Fixtures for the end-to-end tests: control plane + node agent + operator + Prometheus.
 
 * ``node_agent`` (session): a :class:`NodeAgent` (tests/cluster/node_agent.py) with two Nodes
-  ``e2e-node-0``/``e2e-node-1`` that runs the pods of the namespaces it is told to ``serve()``
-  as real processes (so other tests, which play the kubelet with ``set_pod_status``, keep
-  their pods to themselves).
+  ``e2e-node-0``/``e2e-node-1`` in image mode: it runs the pods of the namespaces it is told
+  to ``serve()`` under runc from their ``image:`` in the local image store (the trainer image
+  built from this checkout, ``trainer_image``; a pod naming any other image stays Pending
+  with ErrImageNeverPull), so other tests, which play the kubelet with ``set_pod_status``,
+  keep their pods to themselves.
 * ``operator_kubeconfig`` (session): the CRD, the chart's ServiceAccount and RBAC (rendered
   with helm_python), and a kubeconfig with that ServiceAccount's token - as in tests/operator.
 * ``prometheus_installed``/``prometheus_sd``/``prometheus_server``: tests/e2e/prometheus.py.
@@ -31,10 +33,11 @@ operator_helpers = load_module("finetune_tests_operator_cluster", REPO / "tests"
 
 
 @pytest.fixture(scope="session")
-def node_agent(control_plane):
+def node_agent(control_plane, trainer_image):
     na = node_agent_module
     agent = na.NodeAgent(control_plane, [na.NodeSpec("e2e-node-0", cpu="4", memory="8Gi"),
-                                         na.NodeSpec("e2e-node-1", cpu="4", memory="8Gi")], namespaces=[])
+                                         na.NodeSpec("e2e-node-1", cpu="4", memory="8Gi")], namespaces=[],
+                         image_mode=True)
     try:
         agent.start()
     except na.NodeAgentError as e:

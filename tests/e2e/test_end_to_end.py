@@ -2,8 +2,11 @@
 
 Nothing is faked between ``kubectl apply`` and the result: the operator (running as the
 chart's ServiceAccount) creates the pods, the scheduler binds them to the node agent's Nodes,
-the agent runs ``finetune-launch`` (torchrun) in per-pod network namespaces where the two
-workers rendezvous over gloo by ``<pod>.<service>`` names, the trainer writes to a hostPath
+the agent runs the pods from the trainer image built from this checkout (``make images``;
+runc, the pod's securityContext as the OCI spec: uid 1000, no capabilities, RuntimeDefault
+seccomp), which the operator puts into them as its default trainer image (the chart's
+``trainer.image``), and its ``finetune-launch`` (torchrun) runs in per-pod network namespaces
+where the two workers rendezvous over gloo by ``<pod>.<service>`` names, the trainer writes to a hostPath
 PV through a PVC, and the operator and Prometheus scrape rank 0 over the pod network.
 
 To stay fast (2 cores): a synthetic 3-class dataset (24 train / 8 val images at 128 px, made
@@ -119,14 +122,19 @@ class E2E:
 
 
 @pytest.fixture(scope="module")
-def e2e(control_plane, node_agent, operator_kubeconfig, prometheus_server, prometheus_sd, tmp_path_factory):
+def e2e(control_plane, node_agent, trainer_image, operator_kubeconfig, prometheus_server, prometheus_sd,
+        tmp_path_factory):
     cp = control_plane
     namespace = f"e2e-{uuid.uuid4().hex[:6]}"
     cp.kubectl("create", "namespace", namespace)
     node_agent.serve(namespace)
     root = tmp_path_factory.mktemp("e2e")
-    operator = oh.Operator(operator_kubeconfig, namespace, root / "operator.log")
+    # The trainer image as the chart passes it (trainer.image -> FINETUNE_TRAINER_IMAGE): the
+    # samples leave spec.image empty.
+    operator = oh.Operator(operator_kubeconfig, namespace, root / "operator.log",
+                           env={"FINETUNE_TRAINER_IMAGE": trainer_image})
     env = E2E(cp, node_agent, prometheus_server, namespace, root, operator)
+    env.trainer_image = trainer_image
     # The dataset, exactly as a user would make it, on a PV.
     run([str(VENV_BIN / "finetune"), "synth", "--out", str(env.data), "--classes", CLASSES, "--train", "24",
          "--val", "8", "--imgsz", "128", "--seed", "3"])
@@ -286,6 +294,11 @@ def test_cpu_sample_trains_on_two_pods_and_prometheus_sees_it(e2e):
     pods = e2e.cluster.pods("cpu-smoke")
     assert [p["status"]["phase"] for p in pods] == ["Succeeded", "Succeeded"]
     assert len({p["spec"]["nodeName"] for p in pods}) >= 1 and len({p["status"]["podIP"] for p in pods}) == 2
+    # ... from the built trainer image (the operator's default), under runc, not from the checkout.
+    for p in pods:
+        assert p["spec"]["containers"][0]["image"] == e2e.trainer_image, p["spec"]["containers"][0]
+        state = p["status"]["containerStatuses"][0]
+        assert state["containerID"].startswith("runc://") and state["imageID"], state
 
     # ---- Prometheus scraped the trainers while they ran, and the operator.
     prom, sel = e2e.prom, f'namespace="{e2e.ns}",finetune="cpu-smoke"'
