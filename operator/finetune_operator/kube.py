@@ -42,6 +42,7 @@ class Kube:
     def __init__(self, configuration: kubernetes.client.Configuration | None = None, timeout: float = 10.0):
         self.api = kubernetes.client.ApiClient(configuration or load_configuration())
         self.timeout = timeout
+        self._served_versions: dict[str, str] = {}  # kind -> API version (create_object)
 
     def request(
         self,
@@ -111,6 +112,31 @@ class Kube:
             if e.status == 409:
                 return None
             raise
+
+    # Objects created through create_object: their plural and, first served first, their API versions.
+    OBJECT_APIS: dict[str, tuple[str, tuple[str, ...] | None]] = {
+        "PodGroup": ("podgroups", None),  # the version the manifest names (one per scheduler)
+        "PodDisruptionBudget": ("poddisruptionbudgets", manifests.PDB_API_VERSIONS),
+    }
+
+    def create_object(self, namespace: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """``create`` for the kinds of OBJECT_APIS, in the newest of their versions this cluster
+        serves (404 for a version: the next; remembered per kind)."""
+        kind = body["kind"]
+        plural, versions = self.OBJECT_APIS[kind]
+        if not versions:
+            return self.create(namespace, plural, body)
+        candidates = [self._served_versions[kind]] if kind in self._served_versions else list(versions)
+        for i, version in enumerate(candidates):
+            try:
+                created = self.create(namespace, plural, {**body, "apiVersion": version})
+            except KubeError as e:
+                if e.status == 404 and i + 1 < len(candidates):
+                    continue
+                raise
+            self._served_versions[kind] = version
+            return created
+        return None  # pragma: no cover - the loop returns or raises
 
     def delete(self, namespace: str, plural: str, name: str, uid: str | None = None) -> bool:
         """Delete (background propagation); False if already gone. ``uid`` guards against

@@ -57,6 +57,13 @@ class Options:
     # "true": one NetworkPolicy per FineTune; the JSON list of peers that may reach port 9400.
     network_policy: str = ""
     network_policy_metrics_from: str = "[]"
+    # Comma-separated references a FineTune's spec.pod may make (manifests.POD_REFERENCES).
+    allowed_pod_references: str = ""
+    # Gang scheduling by PodGroups: the schedulerName of each enabled scheduler; empty: not enabled.
+    coscheduling_scheduler: str = ""
+    volcano_scheduler: str = ""
+    # "true": a FineTune may ask for a PodDisruptionBudget (spec.podDisruptionBudget).
+    pod_disruption_budgets: str = ""
 
     ENVIRONMENT: ClassVar[dict[str, str]] = {
         "metrics_port": "FINETUNE_OPERATOR_METRICS_PORT",
@@ -72,6 +79,10 @@ class Options:
         "allowed_volume_types": "FINETUNE_OPERATOR_ALLOWED_VOLUME_TYPES",
         "network_policy": "FINETUNE_OPERATOR_NETWORK_POLICY",
         "network_policy_metrics_from": "FINETUNE_OPERATOR_NETWORK_POLICY_METRICS_FROM",
+        "allowed_pod_references": "FINETUNE_OPERATOR_ALLOWED_POD_REFERENCES",
+        "coscheduling_scheduler": "FINETUNE_OPERATOR_COSCHEDULING_SCHEDULER",
+        "volcano_scheduler": "FINETUNE_OPERATOR_VOLCANO_SCHEDULER",
+        "pod_disruption_budgets": "FINETUNE_OPERATOR_POD_DISRUPTION_BUDGETS",
     }
 
     @classmethod
@@ -116,6 +127,7 @@ def configure_operator(settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
         allowed_volume_types = validation.parse_allowed_volume_types(options.allowed_volume_types)
         metrics_from = (manifests.parse_network_policy_peers(options.network_policy_metrics_from)
                         if options.network_policy.lower() == "true" else None)
+        platform = platform_settings(options)
     except ValueError as e:
         raise kopf.PermanentError(f"invalid operator setting: {e}") from e
     memo.runtime = runtime.Runtime(
@@ -125,6 +137,18 @@ def configure_operator(settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
         scrapes=runtime.ScrapePool(options.scrape_workers, options.scrape_timeout),
         allowed_volume_types=allowed_volume_types,
         network_policy_metrics_from=metrics_from,
+        settings=platform,
+    )
+
+
+def platform_settings(options: Options) -> manifests.PlatformSettings:
+    """What the chart allows FineTunes to ask of their pods; ValueError for a setting it never writes."""
+    schedulers = {policy: name for policy, name in ((m.GANG_COSCHEDULING, options.coscheduling_scheduler),
+                                                    (m.GANG_VOLCANO, options.volcano_scheduler)) if name}
+    return manifests.PlatformSettings(
+        allowed_pod_references=validation.parse_allowed_pod_references(options.allowed_pod_references),
+        scheduler_names=schedulers,
+        pod_disruption_budgets=options.pod_disruption_budgets.lower() == "true",
     )
 
 

@@ -9,8 +9,11 @@ own ``TrainConfig.to_argv`` (port 9400, --resume=auto).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import decimal
 import hashlib
 import json
+import re
 from typing import Any, Mapping, Sequence
 
 from finetune.config import TrainConfig
@@ -38,6 +41,27 @@ LABEL_WORKER_INDEX = "finetune.dev/worker-index"
 # pods left over from before a restart are recognisable even if the operator crashed in between.
 LABEL_ATTEMPT = "finetune.dev/attempt"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+# Gang admission (spec.scheduling.gang), one group per FineTune named after it: Kueue's plain-pod
+# group (label + total-count annotation, retriable-in-group set when the run fails for good),
+# scheduler-plugins' coscheduling (label) and Volcano (annotation), the last two with a PodGroup.
+LABEL_KUEUE_POD_GROUP = "kueue.x-k8s.io/pod-group-name"
+ANNOTATION_KUEUE_GROUP_COUNT = "kueue.x-k8s.io/pod-group-total-count"
+ANNOTATION_KUEUE_RETRIABLE = "kueue.x-k8s.io/retriable-in-group"
+LABEL_COSCHEDULING_GROUP = "scheduling.x-k8s.io/pod-group"
+ANNOTATION_VOLCANO_GROUP = "scheduling.k8s.io/group-name"
+GANG_NONE, GANG_KUEUE, GANG_COSCHEDULING, GANG_VOLCANO = "None", "Kueue", "Coscheduling", "Volcano"
+POD_GROUP_API_VERSIONS = {GANG_COSCHEDULING: "scheduling.x-k8s.io/v1alpha1", GANG_VOLCANO: "scheduling.volcano.sh/v1beta1"}
+# policy/v1 from Kubernetes 1.21; 1.20 serves only v1beta1 (removed in 1.25).
+PDB_API_VERSIONS = ("policy/v1", "policy/v1beta1")
+# Keys of spec.pod.labels/annotations that the operator (or a scheduler through it) owns.
+RESERVED_KEY_PREFIXES = ("finetune.dev/", "kueue.x-k8s.io/", "scheduling.volcano.sh/")
+RESERVED_KEYS = frozenset({LABEL_APP_NAME, LABEL_INSTANCE, LABEL_COMPONENT, LABEL_MANAGED_BY,
+                           LABEL_COSCHEDULING_GROUP, ANNOTATION_VOLCANO_GROUP})
+# References spec.pod may make when the platform team allows them (the chart's allowedPodReferences).
+POD_REFERENCES = ("configMapKeyRef", "secretKeyRef", "serviceAccountName")
+# Environment variables the operator sets in the trainer container itself.
+OPERATOR_ENV = ("FINETUNE_NAME", "PYTHONUNBUFFERED")
+DEFAULT_TERMINATION_GRACE_SECONDS = 60
 MANAGED_BY = "finetune-operator"
 TRAINER_APP = "finetune-trainer"
 
@@ -70,6 +94,19 @@ SPEC_DEFAULTS: dict[str, Any] = {
     "suspend": False,
     "backoffLimit": 3,
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class PlatformSettings:
+    """What the platform team set in the chart for what FineTunes may ask of their pods."""
+
+    # The subset of POD_REFERENCES spec.pod may use (allowedPodReferences).
+    allowed_pod_references: frozenset[str] = frozenset()
+    # Gang policy (Coscheduling, Volcano) -> the schedulerName of the scheduler that reads its
+    # PodGroups; a policy missing here is not enabled (gangScheduling.<scheduler>.enabled).
+    scheduler_names: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # spec.podDisruptionBudget may be enabled (podDisruptionBudget.enabled).
+    pod_disruption_budgets: bool = False
 
 
 def with_defaults(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -149,6 +186,36 @@ def pod_labels(name: str, index: int, attempt: int, spec: Mapping[str, Any]) -> 
     if queue:
         labels[LABEL_QUEUE] = queue
     return labels
+
+
+def gang_policy(spec: Mapping[str, Any]) -> str:
+    """spec.scheduling.gang.policy; unset: Kueue with a queueName (one Workload for all workers), else None."""
+    scheduling = spec.get("scheduling") or {}
+    policy = (scheduling.get("gang") or {}).get("policy")
+    return str(policy) if policy else (GANG_KUEUE if scheduling.get("queueName") else GANG_NONE)
+
+
+def pod_group_name(name: str) -> str:
+    """One group per FineTune, the same for every attempt: replacement pods join the group."""
+    return name
+
+
+def gang_metadata(name: str, spec: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """(labels, annotations) that put a worker pod into its FineTune's group."""
+    policy, group = gang_policy(spec), pod_group_name(name)
+    if policy == GANG_KUEUE:
+        return {LABEL_KUEUE_POD_GROUP: group}, {ANNOTATION_KUEUE_GROUP_COUNT: str(int(with_defaults(spec)["workers"]))}
+    if policy == GANG_COSCHEDULING:
+        return {LABEL_COSCHEDULING_GROUP: group}, {}
+    if policy == GANG_VOLCANO:
+        return {}, {ANNOTATION_VOLCANO_GROUP: group}
+    return {}, {}
+
+
+def scheduler_name(spec: Mapping[str, Any], settings: PlatformSettings | None = None) -> str | None:
+    """spec.scheduling.schedulerName, else the chart's scheduler for a PodGroup gang policy."""
+    explicit = (spec.get("scheduling") or {}).get("schedulerName")
+    return explicit or (settings or PlatformSettings()).scheduler_names.get(gang_policy(spec))
 
 
 def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
@@ -371,6 +438,102 @@ def build_network_policy(
     }
 
 
+_QUANTITY = re.compile(r"^([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(?:[eE]([+-]?[0-9]+))?([KMGTPE]i|[numkMGTPE])?$")
+
+
+def multiply_quantity(quantity: Any, factor: int) -> str:
+    """A Kubernetes quantity times ``factor``, in the same unit ("64Gi" x 2 = "128Gi")."""
+    match = _QUANTITY.match(str(quantity).strip())
+    if not match:
+        raise ValueError(f"{quantity!r} is not a Kubernetes quantity")
+    number, exponent, suffix = match.groups()
+    value = decimal.Decimal(number).scaleb(int(exponent or 0)) * factor
+    text = format(value.normalize(), "f")
+    return f"{text}{suffix or ''}"
+
+
+def gang_resources(spec: Mapping[str, Any]) -> dict[str, str]:
+    """What the whole gang requests: one pod's requests (a limit where no request is set, as the
+    apiserver defaults it) times the number of workers."""
+    full = with_defaults(spec)
+    resources = container_resources(full)
+    per_pod = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
+    return {key: multiply_quantity(value, int(full["workers"])) for key, value in sorted(per_pod.items())}
+
+
+def build_pod_group(name: str, namespace: str, spec: Mapping[str, Any], owner: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The PodGroup of a Coscheduling or Volcano gang (None for the other policies): all workers or none."""
+    full = with_defaults(spec)
+    policy = gang_policy(full)
+    if policy not in POD_GROUP_API_VERSIONS:
+        return None
+    scheduling = full.get("scheduling") or {}
+    gang = scheduling.get("gang") or {}
+    group_spec: dict[str, Any] = {"minMember": int(full["workers"])}
+    resources = gang_resources(full)
+    if resources:
+        group_spec["minResources"] = resources
+    if policy == GANG_COSCHEDULING and gang.get("scheduleTimeoutSeconds"):
+        group_spec["scheduleTimeoutSeconds"] = int(gang["scheduleTimeoutSeconds"])
+    if policy == GANG_VOLCANO:
+        if gang.get("queue"):
+            group_spec["queue"] = gang["queue"]
+        if scheduling.get("priorityClassName"):
+            group_spec["priorityClassName"] = scheduling["priorityClassName"]
+    return {
+        "apiVersion": POD_GROUP_API_VERSIONS[policy],
+        "kind": "PodGroup",
+        "metadata": {
+            "name": pod_group_name(name),
+            "namespace": namespace,
+            "labels": common_labels(name),
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": group_spec,
+    }
+
+
+def build_pod_disruption_budget(name: str, namespace: str, spec: Mapping[str, Any], owner: Mapping[str, Any],
+                                api_version: str = PDB_API_VERSIONS[0]) -> dict[str, Any]:
+    """minAvailable = workers: a voluntary eviction (drain) of any worker waits until the run ends."""
+    return {
+        "apiVersion": api_version,
+        "kind": "PodDisruptionBudget",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": common_labels(name),
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": {"minAvailable": int(with_defaults(spec)["workers"]), "selector": {"matchLabels": selector_labels(name)}},
+    }
+
+
+def build_run_objects(name: str, namespace: str, spec: Mapping[str, Any], owner: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """What a run needs besides its Service and pods, created with the Service: its PodGroup
+    (Coscheduling, Volcano) and its PodDisruptionBudget (spec.podDisruptionBudget.enabled)."""
+    objects = []
+    pod_group = build_pod_group(name, namespace, spec, owner)
+    if pod_group:
+        objects.append(pod_group)
+    if (spec.get("podDisruptionBudget") or {}).get("enabled"):
+        objects.append(build_pod_disruption_budget(name, namespace, spec, owner))
+    return objects
+
+
+def user_env(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """spec.pod.env as container EnvVars (after the operator's own)."""
+    env = []
+    for item in (spec.get("pod") or {}).get("env") or []:
+        var: dict[str, Any] = {"name": item["name"]}
+        if item.get("valueFrom"):
+            var["valueFrom"] = copy.deepcopy(item["valueFrom"])
+        else:
+            var["value"] = str(item.get("value", ""))
+        env.append(var)
+    return env
+
+
 def build_worker_pod(
     name: str,
     namespace: str,
@@ -379,10 +542,12 @@ def build_worker_pod(
     owner: Mapping[str, Any],
     attempt: int = 0,
     default_image: str | None = None,
+    settings: PlatformSettings | None = None,
 ) -> dict[str, Any]:
     full = with_defaults(spec)
     pod_volumes, mounts = volumes(full)
     scheduling = full.get("scheduling") or {}
+    template = full.get("pod") or {}
     container: dict[str, Any] = {
         "name": "trainer",
         "image": trainer_image(full, default_image),
@@ -390,6 +555,7 @@ def build_worker_pod(
         "env": [
             {"name": "FINETUNE_NAME", "value": name},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
+            *user_env(full),
         ],
         "ports": [
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
@@ -415,7 +581,8 @@ def build_worker_pod(
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 60,
+        "terminationGracePeriodSeconds": int(template.get("terminationGracePeriodSeconds")
+                                             or DEFAULT_TERMINATION_GRACE_SECONDS),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RUN_AS_ID,
@@ -426,17 +593,31 @@ def build_worker_pod(
         "containers": [container],
         "volumes": pod_volumes,
     }
-    for field in ("priorityClassName", "schedulerName", "nodeSelector", "tolerations", "affinity"):
+    for field in ("priorityClassName", "nodeSelector", "tolerations", "affinity"):
         if scheduling.get(field):
             pod_spec[field] = copy.deepcopy(scheduling[field])
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": worker_pod_name(name, index),
-            "namespace": namespace,
-            "labels": pod_labels(name, index, attempt, full),
-            "ownerReferences": [owner_reference(owner)],
-        },
-        "spec": pod_spec,
+    scheduler = scheduler_name(full, settings)
+    if scheduler:
+        pod_spec["schedulerName"] = scheduler
+    for field in ("imagePullSecrets", "runtimeClassName"):
+        if template.get(field):
+            pod_spec[field] = copy.deepcopy(template[field])
+    if template.get("serviceAccountName"):
+        # Allowed by the platform team (validation); the ServiceAccount's own
+        # automountServiceAccountToken then decides about the token.
+        pod_spec["serviceAccountName"] = template["serviceAccountName"]
+        del pod_spec["automountServiceAccountToken"]
+    group_labels, group_annotations = gang_metadata(name, full)
+    # The user's first: validation refuses reserved keys, and the operator's win regardless.
+    labels = {**{str(k): str(v) for k, v in (template.get("labels") or {}).items()},
+              **pod_labels(name, index, attempt, full), **group_labels}
+    annotations = {**{str(k): str(v) for k, v in (template.get("annotations") or {}).items()}, **group_annotations}
+    metadata: dict[str, Any] = {
+        "name": worker_pod_name(name, index),
+        "namespace": namespace,
+        "labels": labels,
+        "ownerReferences": [owner_reference(owner)],
     }
+    if annotations:
+        metadata["annotations"] = annotations
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}

@@ -55,6 +55,10 @@ class Plan:
     create_service: dict[str, Any] | None = None
     # Only when the operator's network policy setting is on (isolation of the run's pods).
     create_network_policy: dict[str, Any] | None = None
+    # PodGroup (gang policy Coscheduling/Volcano), PodDisruptionBudget: created with the Service.
+    create_objects: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # Gang policy Kueue, the run failed for good: pods to mark not retriable in the group.
+    release_pods: list[str] = dataclasses.field(default_factory=list)
     create_pods: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     delete_pods: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (name, uid)
     # Running pods of a failed run: stopped via activeDeadlineSeconds so the kubelet kills the
@@ -144,6 +148,7 @@ def plan(
     validate: Callable[[], list[str]],
     default_image: str | None = None,
     network_policy_metrics_from: list[dict[str, Any]] | None = None,
+    settings: m.PlatformSettings | None = None,
 ) -> Plan:
     """Decide what to do for one FineTune, given everything known about it: one step per
     situation, each returns True when the plan is complete.
@@ -170,10 +175,19 @@ def plan(
         if network_policy_metrics_from is not None:
             p.create_network_policy = m.build_network_policy(run.name, meta["namespace"], finetune,
                                                              network_policy_metrics_from)
+        p.create_objects = m.build_run_objects(run.name, meta["namespace"], run.effective, finetune)
     if _suspended(p, run) or _deadline_exceeded(p, run) or _failed(p, run):
+        _release_gang(p, run)
         return p
-    _progress(p, run, default_image)
+    _progress(p, run, default_image, settings)
     return p
+
+
+def _release_gang(p: Plan, run: _Run) -> None:
+    """Gang policy Kueue and the run failed for good: Kueue finishes the group's Workload (and
+    frees its quota) once a pod of the group says it is not retriable and all have terminated."""
+    if p.status.get("phase") == st.FAILED and run.phase != st.FAILED and m.gang_policy(run.effective) == m.GANG_KUEUE:
+        p.release_pods = sorted(pod["metadata"]["name"] for pod in run.current.values())
 
 
 def _finished_spec_was_edited(p: Plan, finetune: Mapping[str, Any], now: dt.datetime) -> bool:
@@ -316,7 +330,7 @@ def _failed(p: Plan, run: _Run) -> bool:
     return True
 
 
-def _progress(p: Plan, run: _Run, default_image: str | None) -> None:
+def _progress(p: Plan, run: _Run, default_image: str | None, settings: m.PlatformSettings | None = None) -> None:
     """Create the missing workers, then report: waiting, running or succeeded."""
     old = run.finetune.get("status") or {}
     name, namespace = run.name, run.finetune["metadata"]["namespace"]
@@ -326,7 +340,7 @@ def _progress(p: Plan, run: _Run, default_image: str | None) -> None:
         return
     for index in run.missing:
         p.create_pods.append(m.build_worker_pod(name, namespace, run.effective, index, run.finetune,
-                                                run.attempt, default_image))
+                                                run.attempt, default_image, settings))
     # Counted as the pending pods they will be, so their creation needs no second status write.
     p.status["workers"] = {**p.status["workers"], "active": p.status["workers"]["active"] + len(p.create_pods)}
     if not run.missing and st.condition_is_true(p.status.get("conditions"), QUOTA_EXCEEDED):
@@ -425,6 +439,7 @@ def validate_in_cluster(
     kube: kube_.Kube,
     finetune: Mapping[str, Any],
     allowed_volume_types: tuple[str, ...] = validation.DEFAULT_ALLOWED_VOLUME_TYPES,
+    settings: m.PlatformSettings | None = None,
 ) -> list[str]:
     meta, spec = finetune["metadata"], finetune.get("spec") or {}
     model_cfg, model_error = None, None
@@ -432,7 +447,7 @@ def validate_in_cluster(
     if ref:
         configmap = kube.get_or_none(kube.core_path(meta["namespace"], "configmaps", ref["configMapName"]))
         model_cfg, model_error = validation.parse_model_configmap(configmap, spec, meta["namespace"])
-    return validation.validate_spec(meta["name"], spec, model_cfg, model_error, allowed_volume_types)
+    return validation.validate_spec(meta["name"], spec, model_cfg, model_error, allowed_volume_types, settings)
 
 
 def reconcile(
@@ -448,6 +463,7 @@ def reconcile(
     allowed_volume_types: tuple[str, ...] = validation.DEFAULT_ALLOWED_VOLUME_TYPES,
     network_policy_metrics_from: list[dict[str, Any]] | None = None,
     on_write: WriteListener | None = None,
+    settings: m.PlatformSettings | None = None,
 ) -> Plan | None:
     """Bring one FineTune's pods and status in line with its spec, from what the caller knows
     (kopf's bodies and indexes: no reads). None if it is being deleted.
@@ -465,8 +481,8 @@ def reconcile(
             return None
         body = finetune
         result = plan(body, pods, service_exists, current_time,
-                      lambda: validate_in_cluster(kube, body, allowed_volume_types), default_image,
-                      network_policy_metrics_from)
+                      lambda: validate_in_cluster(kube, body, allowed_volume_types, settings), default_image,
+                      network_policy_metrics_from, settings)
         try:
             _execute(kube, finetune, result, post_event, operator_metrics, on_write)
             return result
@@ -523,6 +539,8 @@ def _execute(
     if patch or acts:
         # Even with nothing to record, acting on pods checks first that the plan's copy is current.
         current = _write_status(kube, current, patch, on_write)
+    for pod_name in p.release_pods:  # before deletions: Kueue reads it from the group's pods
+        kube.patch_pod(namespace, pod_name, {"metadata": {"annotations": {m.ANNOTATION_KUEUE_RETRIABLE: "false"}}})
     for pod_name, uid in p.delete_pods:
         kube.delete(namespace, "pods", pod_name, uid or None)
     for pod_name in p.stop_pods:
@@ -530,6 +548,8 @@ def _execute(
     # Before the Service: a Service implies its NetworkPolicy, even across an operator crash.
     if p.create_network_policy:
         kube.create(namespace, "networkpolicies", p.create_network_policy)
+    for obj in p.create_objects:  # and its PodGroup before the first pod asks for it
+        kube.create_object(namespace, obj)
     if p.create_service:
         kube.create(namespace, "services", p.create_service)
     for created, pod in enumerate(p.create_pods):

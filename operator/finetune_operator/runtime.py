@@ -247,6 +247,8 @@ class Runtime:
     allowed_volume_types: tuple[str, ...] = validation.DEFAULT_ALLOWED_VOLUME_TYPES
     # None: no NetworkPolicy per FineTune; else the peers that may reach the metrics port.
     network_policy_metrics_from: list[dict[str, Any]] | None = None
+    # What the chart allows FineTunes to ask of their pods (references, gang schedulers, PDBs).
+    settings: m.PlatformSettings = dataclasses.field(default_factory=m.PlatformSettings)
     locks: Locks = dataclasses.field(default_factory=Locks)
     latest: LatestCopies = dataclasses.field(default_factory=LatestCopies)
     retries: Retries = dataclasses.field(default_factory=Retries)
@@ -339,6 +341,7 @@ def _reconcile(rt: Runtime, handler: str, key: Key, cache: Cache,
                 post_event=post_event, operator_metrics=rt.metrics, default_image=rt.options.trainer_image,
                 allowed_volume_types=rt.allowed_volume_types,
                 network_policy_metrics_from=rt.network_policy_metrics_from,
+            settings=rt.settings,
                 on_write=lambda written: rt.wrote(key, written),
             )
         except kube_.KubeError as e:

@@ -89,6 +89,103 @@ def volume_problems(spec: Mapping[str, Any], allowed: Collection[str]) -> list[s
     return problems
 
 
+# Label and annotation keys: an optional DNS-subdomain prefix and '/', then a name of at most 63.
+_QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)$")
+_DNS_1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def parse_allowed_pod_references(text: str) -> frozenset[str]:
+    """The chart's allowedPodReferences (comma-separated); empty allows none."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in manifests.POD_REFERENCES]
+    if unknown:
+        raise ValueError(f"unknown pod reference(s) {', '.join(unknown)} in the allowed pod references; "
+                         f"known: {', '.join(manifests.POD_REFERENCES)}")
+    return frozenset(names)
+
+
+def _key_problem(key: str) -> str | None:
+    prefix, slash, name = key.rpartition("/")
+    if (slash and not (prefix and len(prefix) <= 253 and _DNS_1123_SUBDOMAIN.match(prefix))) \
+            or not (len(name) <= _MAX_LABEL and _QUALIFIED_NAME.match(name)):
+        return ("is not a valid key (an optional DNS subdomain prefix and '/', then at most 63 letters, digits, "
+                "'-', '_' or '.', starting and ending with a letter or digit)")
+    if key in manifests.RESERVED_KEYS or key.startswith(manifests.RESERVED_KEY_PREFIXES):
+        return ("is reserved: the operator sets it (finetune.dev/*, app.kubernetes.io/name, instance, component "
+                "and managed-by, kueue.x-k8s.io/*, scheduling.x-k8s.io/pod-group, scheduling.k8s.io/group-name, "
+                "scheduling.volcano.sh/*); use another key, and spec.scheduling for queues and gangs")
+    return None
+
+
+def pod_problems(spec: Mapping[str, Any], allowed_references: Collection[str]) -> list[str]:
+    """spec.pod: keys the operator owns stay its own, and references only as the chart allows."""
+    template = spec.get("pod") or {}
+    allowed_text = ", ".join(sorted(allowed_references)) or "none"
+
+    def not_allowed(field: str, what: str, reference: str) -> str:
+        return (f"{field}: {what} is not allowed on this cluster (allowed pod references: {allowed_text}); "
+                f"{'use a plain value, ' if reference.endswith('KeyRef') else 'remove it, '}or ask the platform "
+                f"team to allow {reference} (the chart's allowedPodReferences)")
+
+    problems = []
+    for field in ("labels", "annotations"):
+        for key, value in (template.get(field) or {}).items():
+            why = _key_problem(str(key))
+            if why:
+                problems.append(f"spec.pod.{field} key {key!r} {why}")
+            elif field == "labels" and not (len(str(value)) <= _MAX_LABEL and _LABEL_VALUE.match(str(value))):
+                problems.append(f"spec.pod.labels.{key}: {value!r} is not a label value (at most 63 letters, "
+                                "digits, '-', '_' or '.', starting and ending with a letter or digit); fix it")
+    seen: set[str] = set()
+    for i, item in enumerate(template.get("env") or []):
+        name = str(item.get("name", ""))
+        field = f"spec.pod.env[{i}] ({name})"
+        if name in manifests.OPERATOR_ENV:
+            problems.append(f"{field}: the operator sets {name} itself; remove it")
+        elif name in seen:
+            problems.append(f"{field}: {name} is set twice; keep one")
+        seen.add(name)
+        source = item.get("valueFrom") or {}
+        if source and "value" in item:
+            problems.append(f"{field} sets both value and valueFrom; keep one")
+        for reference in ("configMapKeyRef", "secretKeyRef"):
+            if reference in source and reference not in allowed_references:
+                what = f"{reference} {(source[reference] or {}).get('name')!r}"
+                problems.append(not_allowed(f"{field}.valueFrom", what, reference))
+    account = template.get("serviceAccountName")
+    if account and "serviceAccountName" not in allowed_references:
+        problems.append(not_allowed("spec.pod.serviceAccountName", f"ServiceAccount {account!r}", "serviceAccountName"))
+    return problems
+
+
+def gang_problems(spec: Mapping[str, Any], settings: manifests.PlatformSettings) -> list[str]:
+    """spec.scheduling.gang and spec.podDisruptionBudget against what the chart enabled."""
+    scheduling = spec.get("scheduling") or {}
+    gang = scheduling.get("gang") or {}
+    policy = manifests.gang_policy(spec)
+    problems = []
+    if policy == manifests.GANG_KUEUE and not scheduling.get("queueName"):
+        problems.append("spec.scheduling.gang.policy Kueue needs spec.scheduling.queueName (the LocalQueue); "
+                        "set it, or choose another gang policy")
+    if policy in manifests.POD_GROUP_API_VERSIONS:
+        if policy not in settings.scheduler_names:
+            problems.append(f"spec.scheduling.gang.policy {policy}: PodGroups for {policy} are not enabled on this "
+                            f"cluster; ask the platform team to enable them (the chart's "
+                            f"gangScheduling.{policy.lower()}.enabled), or use policy Kueue or None")
+        if scheduling.get("queueName"):
+            problems.append(f"spec.scheduling.queueName with gang policy {policy}: Kueue would admit each worker on "
+                            "its own while the PodGroup waits for all; remove queueName, or use policy Kueue")
+    for key, only in (("scheduleTimeoutSeconds", manifests.GANG_COSCHEDULING), ("queue", manifests.GANG_VOLCANO)):
+        if gang.get(key) is not None and policy != only:
+            problems.append(f"spec.scheduling.gang.{key} applies to policy {only} only (this one is {policy}); "
+                            "remove it")
+    if (spec.get("podDisruptionBudget") or {}).get("enabled") and not settings.pod_disruption_budgets:
+        problems.append("spec.podDisruptionBudget: PodDisruptionBudgets are not enabled on this cluster; remove "
+                        "it, or ask the platform team to enable them (the chart's podDisruptionBudget.enabled)")
+    return problems
+
+
 def path_problems(spec: Mapping[str, Any]) -> list[str]:
     """Paths joined to a mount point stay inside their volume: relative, no '..' segment."""
     problems = []
@@ -127,18 +224,23 @@ def validate_spec(
     model_cfg: Mapping[str, Any] | None = None,
     model_cfg_error: str | None = None,
     allowed_volume_types: Collection[str] = DEFAULT_ALLOWED_VOLUME_TYPES,
+    settings: manifests.PlatformSettings | None = None,
 ) -> list[str]:
     """Problems with ``spec``; empty when it can run.
 
     ``model_cfg`` is the custom model config loaded from the ConfigMap named in
     ``spec.model.config`` (the caller reads the ConfigMap); ``model_cfg_error`` says why it
     could not be read. Built-in architectures are loaded here. ``allowed_volume_types`` is the
-    operator's allowlist for the volume sources a FineTune brings.
+    operator's allowlist for the volume sources a FineTune brings; ``settings`` what the chart
+    allows for pods (references, gang schedulers, disruption budgets).
     """
     full = manifests.with_defaults(spec)
+    settings = settings or manifests.PlatformSettings()
     problems = validate_name(name, full)
     problems += volume_problems(full, allowed_volume_types)
     problems += path_problems(full)
+    problems += pod_problems(full, settings.allowed_pod_references)
+    problems += gang_problems(full, settings)
     model = full.get("model") or {}
     training = full["training"]
 

@@ -54,6 +54,8 @@ ALL_OPTIONAL = {
 }
 NAMESPACED = {"rbac": {"namespaced": True}}
 WATCHED = {"watchNamespaces": ["team-a", "team-b"]}
+SCHEDULING = {"gangScheduling": {"coscheduling": {"enabled": True}, "volcano": {"enabled": True}},
+              "podDisruptionBudget": {"enabled": True}}
 
 # Every verb the operator may hold per (apiGroup, resource); anything else is a finding. The
 # same grants are checked against what the operator really uses (the apiserver's audit log) in
@@ -67,6 +69,10 @@ ALLOWED_VERBS = {
     ("", "configmaps"): {"get"},
     ("", "events"): {"create"},
     ("networking.k8s.io", "networkpolicies"): {"create"},
+    # gangScheduling.<scheduler>.enabled, podDisruptionBudget.enabled: one object per FineTune.
+    ("scheduling.x-k8s.io", "podgroups"): {"create"},
+    ("scheduling.volcano.sh", "podgroups"): {"create"},
+    ("policy", "poddisruptionbudgets"): {"create"},
     ("kopf.dev", "kopfpeerings"): {"list", "watch", "patch"},
     ("kopf.dev", "clusterkopfpeerings"): {"list", "watch", "patch"},
     # kopf matches its --namespace patterns (--all-namespaces does not; see test_rbac_audit_cluster).
@@ -138,8 +144,9 @@ def assert_balanced(expr: str) -> None:
 
 # --- lint ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("values", [{}, ALL_OPTIONAL, merge(ALL_OPTIONAL, NAMESPACED), merge(ALL_OPTIONAL, WATCHED)],
-                         ids=["defaults", "all-optional", "namespaced", "watch-namespaces"])
+@pytest.mark.parametrize("values", [{}, ALL_OPTIONAL, merge(ALL_OPTIONAL, NAMESPACED), merge(ALL_OPTIONAL, WATCHED),
+                                    merge(ALL_OPTIONAL, SCHEDULING, {"allowedPodReferences": ["secretKeyRef"]})],
+                         ids=["defaults", "all-optional", "namespaced", "watch-namespaces", "scheduling"])
 def test_helm_lint_strict_passes(values):
     report = helm.lint(CHART_DIR, values, strict=True, namespace=RELEASE_NAMESPACE, kube_version=KUBE_VERSION)
     assert report["errors"] == []
@@ -212,7 +219,8 @@ def test_cluster_mode_watches_all_namespaces(chart):
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": f"{RELEASE}-finetune-operator"}
 
 
-@pytest.mark.parametrize("values", [{}, NAMESPACED, WATCHED], ids=["cluster", "namespaced", "watch-namespaces"])
+@pytest.mark.parametrize("values", [{}, NAMESPACED, WATCHED, SCHEDULING, merge(SCHEDULING, WATCHED)],
+                         ids=["cluster", "namespaced", "watch-namespaces", "scheduling", "scheduling-namespaced"])
 def test_rbac_is_least_privilege(chart, values):
     objects = render(chart, values)
     rules = [rule for obj in objects if obj["kind"] in ("Role", "ClusterRole") for rule in obj["rules"]]
@@ -232,6 +240,47 @@ def test_rbac_is_least_privilege(chart, values):
     for key in [("finetune.dev", "finetunes"), ("finetune.dev", "finetunes/status"), ("", "pods"),
                 ("", "services"), ("", "events"), ("apiextensions.k8s.io", "customresourcedefinitions")]:
         assert granted.get(key) == ALLOWED_VERBS[key], key
+
+
+def grants_of(objects: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(group, resource) for obj in objects if obj["kind"] in ("Role", "ClusterRole")
+            for rule in obj["rules"] for group in rule["apiGroups"] for resource in rule["resources"]}
+
+
+def operator_env(objects: list[dict[str, Any]]) -> dict[str, str]:
+    container = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    return {item["name"]: item.get("value") for item in container["env"]}
+
+
+PLATFORM_SETTINGS = ("FINETUNE_OPERATOR_ALLOWED_POD_REFERENCES", "FINETUNE_OPERATOR_COSCHEDULING_SCHEDULER",
+                     "FINETUNE_OPERATOR_VOLCANO_SCHEDULER", "FINETUNE_OPERATOR_POD_DISRUPTION_BUDGETS")
+SCHEDULING_GRANTS = {("scheduling.x-k8s.io", "podgroups"), ("scheduling.volcano.sh", "podgroups"),
+                     ("policy", "poddisruptionbudgets")}
+
+
+def test_pod_groups_budgets_and_references_only_when_enabled(chart):
+    defaults = render(chart)
+    assert not grants_of(defaults) & SCHEDULING_GRANTS
+    assert not set(operator_env(defaults)) & set(PLATFORM_SETTINGS)
+    for values, grant, setting, value in (
+        ({"gangScheduling": {"coscheduling": {"enabled": True}}}, ("scheduling.x-k8s.io", "podgroups"),
+         "FINETUNE_OPERATOR_COSCHEDULING_SCHEDULER", "scheduler-plugins-scheduler"),
+        ({"gangScheduling": {"volcano": {"enabled": True, "schedulerName": "vc"}}}, ("scheduling.volcano.sh", "podgroups"),
+         "FINETUNE_OPERATOR_VOLCANO_SCHEDULER", "vc"),
+        ({"podDisruptionBudget": {"enabled": True}}, ("policy", "poddisruptionbudgets"),
+         "FINETUNE_OPERATOR_POD_DISRUPTION_BUDGETS", "true"),
+    ):
+        for mode in ({}, WATCHED):
+            objects = render(chart, merge(values, mode))
+            assert grants_of(objects) & SCHEDULING_GRANTS == {grant}, values
+            assert {k: v for k, v in operator_env(objects).items() if k in PLATFORM_SETTINGS} == {setting: value}
+    references = operator_env(render(chart, {"allowedPodReferences": ["secretKeyRef", "serviceAccountName"]}))
+    assert references["FINETUNE_OPERATOR_ALLOWED_POD_REFERENCES"] == "secretKeyRef,serviceAccountName"
+    # Referencing a Secret or a ServiceAccount is the platform team's decision: off by default.
+    assert chart.values["allowedPodReferences"] == []
+    for part in (chart.values["gangScheduling"]["coscheduling"], chart.values["gangScheduling"]["volcano"],
+                 chart.values["podDisruptionBudget"]):
+        assert part["enabled"] is False
 
 
 def test_rbac_rules_are_commented():

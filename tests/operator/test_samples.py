@@ -188,3 +188,23 @@ def test_validator_catches_mistakes(crd):
     assert broken(lambda s: s.__setitem__("freeze", "head"))  # pattern
     assert broken(lambda s: s.__setitem__("workers", 0))  # minimum
     assert broken(lambda s: s.pop("dataset"))  # required
+
+
+def test_two_by_four_gpu_sample_pods_are_one_kueue_pod_group():
+    """The sample says both workers are admitted together: its pods, as the operator renders
+    them, carry Kueue's pod-group label and total-count annotation (Kueue's plain-pod contract)."""
+    from finetune_operator import manifests
+
+    sample = yaml.safe_load((SAMPLES_DIR / "finetune-2x4gpu.yaml").read_text())
+    name, spec = sample["metadata"]["name"], sample["spec"]
+    owner = {"metadata": {"name": name, "uid": "uid-1"}}
+    for attempt in (0, 1):  # replacement pods after a restart or a preemption join the same group
+        pods = [manifests.build_worker_pod(name, "ml", spec, i, owner, attempt) for i in range(spec["workers"])]
+        assert len(pods) == 2
+        for pod in pods:
+            assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-training"
+            assert pod["metadata"]["labels"]["kueue.x-k8s.io/pod-group-name"] == name
+            assert pod["metadata"]["annotations"]["kueue.x-k8s.io/pod-group-total-count"] == "2"
+    # ... and its comment says how (the claim used to be made without the group).
+    comment = (SAMPLES_DIR / "finetune-2x4gpu.yaml").read_text()
+    assert "kueue.x-k8s.io/pod-group-name" in comment and "pod-group-total-count" in comment

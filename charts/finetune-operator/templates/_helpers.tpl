@@ -147,6 +147,24 @@ operator makes; nothing is "*".
   resources: ["networkpolicies"]
   verbs: ["create"]
 {{- end }}
+{{- if .Values.gangScheduling.coscheduling.enabled }}
+# gangScheduling.coscheduling.enabled: one PodGroup per FineTune, created with its Service (never read).
+- apiGroups: ["scheduling.x-k8s.io"]
+  resources: ["podgroups"]
+  verbs: ["create"]
+{{- end }}
+{{- if .Values.gangScheduling.volcano.enabled }}
+# gangScheduling.volcano.enabled: one Volcano PodGroup per FineTune, created with its Service (never read).
+- apiGroups: ["scheduling.volcano.sh"]
+  resources: ["podgroups"]
+  verbs: ["create"]
+{{- end }}
+{{- if .Values.podDisruptionBudget.enabled }}
+# podDisruptionBudget.enabled: one PodDisruptionBudget per FineTune that asks for it (never read).
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["create"]
+{{- end }}
 # Custom model configs referenced by a FineTune (read only).
 - apiGroups: [""]
   resources: ["configmaps"]
