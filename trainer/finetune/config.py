@@ -26,6 +26,25 @@ from .errors import FinetuneError
 from .models.config import BUILTIN_MODELS, FREEZE_PRESETS
 
 SEED_MAX = 2**32 - 1  # numpy's seed limit; the CRD's spec.training.seed says the same
+MAX_CACHE_VIEWS = 64  # the CRD's spec.training.cacheViews says the same
+
+
+def feature_cache_refusal(freeze: str, freeze_bn: bool, mosaic: float) -> str | None:
+    """Why ``--cache features`` cannot run with these settings (one sentence), or None.
+
+    Here rather than in finetune.feature_cache, which needs torch: the operator checks it too.
+    """
+    if str(freeze).strip().isdigit() and int(str(freeze).strip()) == 0:
+        return ("--cache features stores the outputs of the frozen modules, and --freeze 0 freezes none; "
+                "pass --freeze backbone, all-but-detect or a module count, or use --cache none|ram")
+    if not freeze_bn:
+        return ("--cache features needs the frozen modules' BatchNorm statistics fixed, and with "
+                "--freeze-bn false they change every step (the stored features would go stale); "
+                "drop --freeze-bn false or use --cache none|ram")
+    if mosaic > 0:
+        return (f"--cache features cannot cache mosaic (--hyp mosaic={mosaic:g}): a mosaic joins different "
+                "images every epoch; set --hyp mosaic=0 (--cache-views sets the augmented views instead)")
+    return None
 
 
 def bool_arg(value: str) -> bool:
@@ -133,7 +152,14 @@ class TrainConfig:
                            help="stop after this many epochs without mAP@0.5:0.95 improvement; 0 = never")
     amp: str = option("auto", choices=("auto", "bf16", "fp16", "off"),
                       help="mixed precision on CUDA: auto = bf16 where supported else fp16; ignored on CPU")
-    cache: str = option("none", choices=("none", "ram"), help="keep decoded, resized images in RAM")
+    cache: str = option("none", choices=("none", "ram", "features"),
+                        help="ram = keep decoded, resized images in RAM; features = run the frozen modules once "
+                             "per image view and train the rest from their stored outputs (needs --freeze > 0 and "
+                             "--freeze-bn true; no mosaic; see --cache-views)")
+    cache_views: int = option(4, type=int, metavar="K",
+                              help="with --cache features: views computed per training image, view 0 un-augmented, "
+                                   "the others randomly augmented; epoch e trains on view e mod K; 1 = no "
+                                   "augmentation")
     seed: int = option(0, type=seed_arg, metavar="N", help=f"random seed, 0 to {SEED_MAX}")
     workers: int | None = option(None, type=workers_arg, metavar="N|auto", default_text="auto",  # None: auto_workers()
                                  help="data-loader processes per rank; 0 loads in the training process; auto = one "
@@ -184,6 +210,12 @@ class TrainConfig:
         if self.lr0 is not None:
             self.lr0 = _checked_hyperparameter(f"--lr0 {self.lr0}", "lr0", self.lr0)
         self.hyp = {key: _checked_hyperparameter(f"--hyp {key}={value}", key, value) for key, value in self.hyp.items()}
+        if not 1 <= self.cache_views <= MAX_CACHE_VIEWS:
+            raise FinetuneError(f"--cache-views {self.cache_views}: must be from 1 to {MAX_CACHE_VIEWS}")
+        if self.cache == "features":
+            why = feature_cache_refusal(self.freeze, self.freeze_bn, self.hyperparameters["mosaic"])
+            if why:
+                raise FinetuneError(why)
 
     @property
     def hyperparameters(self) -> dict[str, float]:

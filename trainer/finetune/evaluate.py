@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_convert
 
-from .data.augment import images_to_float
 from .errors import FinetuneError
+from .feature_cache import model_input
 
 MAX_NMS_CANDIDATES = 30000  # boxes per image handed to NMS, highest scores first
 MAX_PR_THRESHOLDS = 1000  # score thresholds tried when choosing the P/R operating point
@@ -360,9 +360,9 @@ def evaluate(
     try:
         for batch in dataloader:
             images, targets, metas = _unpack_batch(batch)
-            images = images_to_float(images.to(device, non_blocking=True))
+            inputs = model_input(images, device)  # images, or cached frozen-prefix outputs (feature_cache)
             with _autocast(device, amp_dtype):
-                out = model(images)
+                out = model(inputs)
             pred = out[0] if isinstance(out, (tuple, list)) else out
             nc = pred.shape[-1] - 5
             det = non_max_suppression(pred, conf_thres, iou_thres, max_det)

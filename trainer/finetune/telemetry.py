@@ -104,6 +104,12 @@ class TrainingMetrics:
         self.gpu_peak = gauge("finetune_gpu_memory_peak_bytes", "Peak GPU memory held by tensors on this rank during the epoch (bytes).")
         self.gpu_util = gauge("finetune_gpu_utilization_ratio", "GPU utilisation of this rank's device as reported by NVML (ratio 0-1).")
         self.cpu_peak = gauge("finetune_cpu_memory_peak_bytes", "Peak resident memory of this rank's process during the epoch (bytes).")
+        self.feature_cache_bytes = gauge("finetune_feature_cache_bytes",
+                                         "Size of the frozen-prefix feature cache, all views and splits (bytes).")
+        self.feature_cache_build = gauge("finetune_feature_cache_build_seconds",
+                                         "Time to build (or find and open) the feature cache in this run (seconds).")
+        self.feature_cache_views = gauge("finetune_feature_cache_views",
+                                         "Views per training image in the feature cache (count).")
         self._server = None
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
@@ -128,6 +134,11 @@ class TrainingMetrics:
             if comp in losses:
                 self.train_loss.labels(**self._l(component=comp)).set(losses[comp])
         self.images_per_second.labels(**self._l()).set(images_per_second)
+
+    def set_feature_cache(self, size_bytes: int, build_seconds: float, views: int) -> None:
+        self.feature_cache_bytes.labels(**self._l()).set(size_bytes)
+        self.feature_cache_build.labels(**self._l()).set(build_seconds)
+        self.feature_cache_views.labels(**self._l()).set(views)
 
     def set_validation(self, metrics: dict[str, float]) -> None:
         self.map50.labels(**self._l()).set(metrics["map50"])

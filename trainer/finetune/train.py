@@ -25,13 +25,13 @@ from . import __version__
 from .allocator import tune_malloc
 from .checkpoint import CHECKPOINT_FORMAT, load_resume_checkpoint, save_checkpoint, write_json, write_results_csv
 from .config import TrainConfig
-from .data.augment import images_to_float
 from .data.config import load_data_config
 from .data.dataset import YoloDataset, auto_workers, build_dataloader
 from .distributed import (DistInfo, all_gather_object, all_reduce_mean, any_rank, barrier, broadcast_object,
                           cleanup, init_distributed, set_cpu_threads)
 from .errors import FinetuneError, Interrupted
 from .evaluate import evaluate
+from .feature_cache import FeatureCache, cached_loader, model_input, open_or_build
 from .freeze import freeze_modules, set_train_mode, unwrap_model
 from .loss import YoloLoss
 from .models import build_model
@@ -266,10 +266,10 @@ def train_one_epoch(
                 group["lr"] = _interp(ni, warmup_iters, start_lr, group["initial_lr"] * lf(epoch))
                 if "momentum" in group:
                     group["momentum"] = _interp(ni, warmup_iters, hyp["warmup_momentum"], hyp["momentum"])
-        imgs = images_to_float(imgs.to(info.device, non_blocking=True))
+        inputs = model_input(imgs, info.device)  # images, or the frozen prefix's cached outputs for them
         targets = targets.to(info.device)
         with torch.autocast(info.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            preds = model(imgs)
+            preds = model(inputs)
         loss, loss_items = loss_fn([p.float() for p in preds], targets)
         if info.distributed:
             loss = loss * info.world_size  # DDP averages gradients across ranks
@@ -279,7 +279,7 @@ def train_one_epoch(
             optimizer_step(model, optimizer, scaler, ema)
             last_step = ni
         loss_sum += loss_items.detach().cpu()
-        images += imgs.shape[0]
+        images += len(imgs)
         if on_step is not None:
             on_step(i + 1, num_batches, loss_sum / (i + 1), images)
         # Every rank steps at the same batches, so every rank takes part in the same checks.
@@ -359,9 +359,10 @@ class Trainer:
         self.ddp_model = (DistributedDataParallel(self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
                           if info.distributed else self.model)
 
-        self.train_set = YoloDataset(self.data_cfg.train, cfg.imgsz, augment=True, hyp=self.hyp, cache=cfg.cache,
+        image_cache = "none" if cfg.cache == "features" else cfg.cache  # the feature cache decodes each view once
+        self.train_set = YoloDataset(self.data_cfg.train, cfg.imgsz, augment=True, hyp=self.hyp, cache=image_cache,
                                      nc=self.data_cfg.nc)
-        self.val_set = YoloDataset(self.data_cfg.val, cfg.imgsz, augment=False, cache=cfg.cache, nc=self.data_cfg.nc)
+        self.val_set = YoloDataset(self.data_cfg.val, cfg.imgsz, augment=False, cache=image_cache, nc=self.data_cfg.nc)
         if self.train_set.stats.get("labels", 0) == 0:
             raise FinetuneError(f"no labels found for the training images of {cfg.data}: expected YOLO label files "
                                 f"(labels/<image>.txt next to images/) with 'class cx cy w h' lines")
@@ -377,6 +378,9 @@ class Trainer:
             seed=cfg.seed, drop_last=False)
         self.val_loader, _ = build_dataloader(
             self.val_set, self.batch_per_rank, self.workers, shuffle=False, distributed=info.distributed, seed=cfg.seed)
+        self.feature_cache: FeatureCache | None = None
+        if cfg.cache == "features":
+            self._use_feature_cache()
         self.loss_fn = YoloLoss.from_model(self.model, self.hyp, cfg.imgsz)
 
         self.metrics = None
@@ -387,6 +391,21 @@ class Trainer:
         if self.metrics:
             self.metrics.set_run(cfg.epochs, self.freeze_info.frozen_params, self.freeze_info.trainable_params)
             self.metrics.set_progress(self.state.start_epoch, {}, 0.0)
+            if self.feature_cache is not None:
+                self.metrics.set_feature_cache(self.feature_cache.bytes, self.feature_cache.build_time_s,
+                                               self.feature_cache.manifest["views"])
+
+    def _use_feature_cache(self) -> None:
+        """Train and validate from the frozen prefix's stored outputs (finetune.feature_cache)."""
+        cfg, info = self.cfg, self.info
+        self.feature_cache = open_or_build(
+            self.model, self.freeze_depth, cfg.imgsz, self.train_set, self.val_set, self.hyp, cfg.cache_views,
+            cfg.seed, self.out, info, workers=self.workers)
+        self.logger.info(self.feature_cache.describe())
+        self.train_loader, self.train_sampler = cached_loader(self.feature_cache.train, self.batch_per_rank,
+                                                              shuffle=True, info=info, seed=cfg.seed)
+        self.val_loader, _ = cached_loader(self.feature_cache.val, self.batch_per_rank, shuffle=False, info=info,
+                                           seed=cfg.seed)
 
     def _find_resume(self) -> dict | None:
         last = self.out / "last.pt"
@@ -490,6 +509,8 @@ class Trainer:
                 seed_everything(cfg.seed + 1000 * epoch + info.rank)
             if self.train_sampler is not None:
                 self.train_sampler.set_epoch(epoch, start=progress.batches_done * self.batch_per_rank if progress else 0)
+            if self.feature_cache is not None:
+                self.feature_cache.train.set_epoch(epoch)  # view epoch mod K
             reset_peak_memory(info.device)
             stats = train_one_epoch(self.ddp_model, self.train_loader, self.optimizer, self.loss_fn, self.ema, epoch,
                                     cfg, info, self.amp_dtype, self.scaler, self.lf,
@@ -603,6 +624,11 @@ class Trainer:
             "weights": str(self.cfg.weights) if self.cfg.weights else None,
             "checkpoint": str(self.out / "best.pt"),
         }
+        if self.feature_cache is not None:
+            train_time = sum(row["train_time_s"] for row in history)
+            images = sum(row["images_per_second"] * row["train_time_s"] for row in history)
+            summary["feature_cache"] = {**self.feature_cache.summary(),
+                                        "images_per_second": images / train_time if train_time > 0 else 0.0}
         if self.info.is_main:
             write_json(self.out / "metrics.json", summary)
             self.logger.info(f"done: {len(history)} epochs, best mAP@0.5:0.95 {self.state.best_fitness:.4f} "

@@ -489,6 +489,7 @@ def build_dataloader(
     drop_last: bool = False,
     num_replicas: int | None = None,
     rank: int | None = None,
+    collate=collate_fn,
 ) -> tuple[DataLoader, ResumableSampler | None]:
     """A DataLoader over ``dataset`` with ``batch_size`` images per rank.
 
@@ -497,7 +498,8 @@ def build_dataloader(
     ``sampler.set_epoch(epoch)`` every epoch so the shuffle changes; ``num_replicas`` and
     ``rank`` default to the process group's. Worker seeds derive from ``seed`` and the rank, so
     augmentation is reproducible and differs between ranks. With ``workers=0`` the caller's
-    ``torch.manual_seed`` governs augmentation.
+    ``torch.manual_seed`` governs augmentation. ``collate`` turns what the dataset returns
+    for a batch's indices into the batch (the feature cache's datasets cut whole batches).
     """
     sampler = None
     rank_for_seed = 0
@@ -516,7 +518,7 @@ def build_dataloader(
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
             drop_last=drop_last,
-            collate_fn=collate_fn,
+            collate_fn=collate,
             worker_init_fn=_seed_worker,
             generator=generator,
             persistent_workers=workers > 0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -136,21 +137,56 @@ def parse_model(cfg: dict, ch: int) -> tuple[nn.Sequential, list[int]]:
     return nn.Sequential(*layers), sorted(save)
 
 
-def run_layers(layers: nn.Sequential, save: list[int], x: torch.Tensor, frozen_depth: int = 0):
+def run_layers(layers: nn.Sequential, save: list[int], x: torch.Tensor, frozen_depth: int = 0,
+               frozen_outputs: Mapping[int, torch.Tensor] | None = None):
     """Run modules in order, feeding each its ``.f`` input(s); keep outputs in ``save``.
 
     Modules below ``frozen_depth`` run without autograd: nothing before them trains, so
     their activations are never needed for backward (saves memory and time). Their
     outputs reach later modules, including through skip connections, as plain tensors.
+
+    With ``frozen_outputs`` (module index -> output, the :func:`prefix_outputs_needed` of
+    ``frozen_depth``, e.g. from the feature cache) the frozen modules do not run at all:
+    their stored outputs stand in for them and ``x`` is ignored.
     """
     outputs: list[torch.Tensor | None] = []
     for m in layers:
+        if frozen_outputs is not None and m.i < frozen_depth:
+            x = frozen_outputs.get(m.i)
+            outputs.append(x)
+            continue
         if m.f != -1:
             x = outputs[m.f] if isinstance(m.f, int) else [x if j == -1 else outputs[j] for j in m.f]
         with torch.no_grad() if m.i < frozen_depth else nullcontext():
             x = m(x)
         outputs.append(x if m.i in save else None)
     return x
+
+
+def _sources(m: nn.Module) -> list[int]:
+    """The indices of the modules whose outputs module ``m`` reads (``-1`` = the one before)."""
+    return [j if j >= 0 else m.i + j for j in (m.f if isinstance(m.f, list) else [m.f])]
+
+
+def prefix_outputs_needed(layers: nn.Sequential, depth: int) -> list[int]:
+    """The modules below ``depth`` whose outputs modules ``depth..`` read: everything the
+    trainable part needs from the frozen prefix (its last output and any skip connections)."""
+    return sorted({j for m in layers[depth:] for j in _sources(m) if j < depth})
+
+
+@torch.no_grad()
+def run_prefix(layers: nn.Sequential, x: torch.Tensor, depth: int) -> dict[int, torch.Tensor]:
+    """Run modules ``0..depth-1`` and return the outputs :func:`prefix_outputs_needed` names."""
+    needed = set(prefix_outputs_needed(layers, depth))
+    kept = needed | {j for m in layers[:depth] for j in _sources(m)}
+    outputs: dict[int, torch.Tensor] = {}
+    for m in layers[:depth]:
+        if m.f != -1:
+            x = outputs[_sources(m)[0]] if isinstance(m.f, int) else [outputs[j] for j in _sources(m)]
+        x = m(x)
+        if m.i in kept:
+            outputs[m.i] = x
+    return {i: outputs[i] for i in sorted(needed)}
 
 
 class DetectionModel(nn.Module):
@@ -193,9 +229,23 @@ class DetectionModel(nn.Module):
     def detect(self) -> Detect:
         return self.model[-1]
 
-    def forward(self, x: torch.Tensor):
-        """Train mode: list of raw maps per level; eval mode: ``(pred, raw)``."""
+    def forward(self, x: torch.Tensor | Mapping[int, torch.Tensor]):
+        """Train mode: list of raw maps per level; eval mode: ``(pred, raw)``.
+
+        ``x`` is an image batch, or the frozen prefix's outputs for one (module index ->
+        tensor, as :meth:`frozen_outputs` returns them): then only the modules from
+        ``frozen_depth`` on run.
+        """
+        if isinstance(x, Mapping):
+            if not self.frozen_depth:
+                raise ValueError("stored prefix outputs need a frozen prefix (frozen_depth > 0)")
+            return run_layers(self.model, self.save, None, self.frozen_depth, frozen_outputs=x)
         return run_layers(self.model, self.save, x, self.frozen_depth)
+
+    def frozen_outputs(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The outputs of the frozen modules that the trainable ones read, for images ``x``
+        (no autograd; the frozen BatchNorm layers as the model's mode has them)."""
+        return run_prefix(self.model, x, self.frozen_depth)
 
     def _measure_strides(self, ch: int) -> torch.Tensor:
         """Each level's stride = probe size / its output-map size.
