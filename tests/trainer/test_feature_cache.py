@@ -267,3 +267,58 @@ def test_memory_mapped_rows_match_in_ram_rows(tiny_dataset, tmp_path):
         for i in a.tensors:
             assert torch.equal(a.tensors[i], b.tensors[i])
     assert os.path.getsize(mapped.directory / "cache.json") > 0
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_one_cache_and_resume_reuses_it(tiny_dataset, tmp_path):
+    """Two gloo ranks each build their block of rows; both train from all of it; a resumed
+    two-rank run finds the same key and reads it without building; the rows are what one
+    process builds alone."""
+    from trainer_helpers import launch_cmd
+
+    out = tmp_path / "ddp"
+    args = ["train", "--data", str(tiny_dataset), "--model", "yolov5n", "--batch", "4", "--imgsz", "64",
+            "--workers", "0", "--out", str(out), "--hyp", "nbs=4", "--hyp", "warmup_epochs=0",
+            "--freeze", "backbone", "--cache", "features", "--cache-views", "2", "--log-format", "json"]
+    first = run(launch_cmd(2, *args, "--epochs", "1"), timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    directory = out / "feature-cache"
+    manifest = json.loads((directory / "cache.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["views"] == 2
+    for rank in (0, 1):
+        assert (directory / f"labels.r{rank}.pt").is_file()
+        for module in manifest["modules"]:
+            for split in ("train", "val"):
+                assert (directory / f"{split}-m{module}.r{rank}.npy").is_file()
+    built = {f.name: f.stat().st_mtime_ns for f in directory.iterdir()}
+
+    resumed = run(launch_cmd(2, *args, "--epochs", "2", "--resume"), timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "reused from" in resumed.stdout + resumed.stderr
+    assert {f.name: f.stat().st_mtime_ns for f in directory.iterdir()} == built
+    assert json.loads((out / "metrics.json").read_text())["feature_cache"]["reused"] is True
+
+    # One process with the run's weights computes the same key (the key does not depend on
+    # the world size) and the same rows: targets exactly, features to float16 rounding (the
+    # ranks' convolutions ran on other batches).
+    depth = depth_of("backbone")
+    model = DetectionModel("yolov5n", nc=3)
+    model.load_state_dict(torch.load(out / "last.pt", weights_only=True)["model"])
+    freeze_modules(model, depth, freeze_bn=True)
+    model = model.to(memory_format=torch.channels_last)
+    hyp = default_hyperparameters()
+    shared = open_or_build(model, depth, IMGSZ, *datasets(tiny_dataset), hyp, 2, 0, out, SINGLE)
+    assert shared.reused and shared.manifest["world_size"] == 2
+    alone = open_or_build(model, depth, IMGSZ, *datasets(tiny_dataset), hyp, 2, 0, tmp_path / "alone", SINGLE)
+    assert not alone.reused and alone.manifest["key"] == manifest["key"]
+    for a, b in ((shared.train, alone.train), (shared.val, alone.val)):
+        for epoch in (0, 1):
+            a.set_epoch(epoch)
+            b.set_epoch(epoch)
+            rows = list(range(len(a)))
+            fa, ta, ma = a.__getitems__(rows)
+            fb, tb, mb = b.__getitems__(rows)
+            assert torch.equal(ta, tb) and ma == mb
+            for i, t in fb.tensors.items():
+                t = t.float()
+                torch.testing.assert_close(fa.tensors[i].float(), t, rtol=2**-10, atol=2**-10 * t.abs().max().item())
