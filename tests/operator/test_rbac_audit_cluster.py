@@ -4,7 +4,7 @@ The operator runs as the chart starts it (the Deployment's args and env, its Ser
 token, its RBAC with networkPolicy on) on a control plane with the apiserver's audit log on for
 that ServiceAccount, through a scenario: create, run, a pod failure and restart, suspend and
 resume, success and TTL, a permanent failure (the other worker stopped), a model ConfigMap, a
-quota refusal, a deletion. Then the (verb, API group, resource, subresource) set it used is
+quota refusal, a deletion, gang PodGroups (Coscheduling, Volcano) and a PodDisruptionBudget. Then the (verb, API group, resource, subresource) set it used is
 compared with what the rendered chart grants: every request was allowed, every use is granted,
 and every grant was used or is listed in NOT_EXERCISED with the reason.
 """
@@ -21,12 +21,15 @@ from typing import Any, Iterator
 import pytest
 from support import REPO, free_port, load_module, wait_for
 from support.chart import CHART, OPERATOR_NAMESPACE, install_crd_and_chart_rbac, operator_command, render
+from support.scheduling import install_pod_group_crds
 from test_operator_cluster import Cluster, cpu_finetune
 
 pytestmark = pytest.mark.cluster
 
 OPERATOR_GROUP = f"system:serviceaccounts:{OPERATOR_NAMESPACE}"
-VALUES = {"networkPolicy": {"enabled": True}}
+VALUES = {"networkPolicy": {"enabled": True},
+          "gangScheduling": {"coscheduling": {"enabled": True}, "volcano": {"enabled": True}},
+          "podDisruptionBudget": {"enabled": True}}
 Use = tuple[str, str, str, str]  # (verb, API group, resource, subresource)
 
 # Granted, and needed, but not reached by this scenario.
@@ -79,6 +82,7 @@ def audited_cp(control_plane) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def chart_operator(audited_cp, tmp_path_factory) -> Iterator[subprocess.Popen]:
     kubeconfig = install_crd_and_chart_rbac(audited_cp, values=VALUES)
+    install_pod_group_crds(audited_cp)
     audited_cp.kubectl("apply", "-f", str(CHART / "crds" / "kopf.dev_peerings.yaml"))  # as Helm installs crds/
     args, env = operator_command(render(VALUES))
     log = tmp_path_factory.mktemp("rbac") / "operator.log"
@@ -129,6 +133,12 @@ def run_scenario(cp) -> None:
     cluster.apply(cpu_finetune("gone"))
     cluster.wait_pods("gone", 2)
     cp.kubectl("-n", cluster.ns, "delete", "ft", "gone")
+    # Gang PodGroups for both schedulers, and a PodDisruptionBudget (policy/v1 first, then v1beta1 on 1.20).
+    for name, policy in (("cosched", "Coscheduling"), ("volcano", "Volcano")):
+        cluster.apply(cpu_finetune(name, scheduling={"gang": {"policy": policy}}, podDisruptionBudget={"enabled": True}))
+        cluster.wait_pods(name, 2)
+    wait_for(lambda: cp.kubectl("-n", cluster.ns, "get", "poddisruptionbudgets", "volcano", check=False).returncode == 0,
+             "the PodDisruptionBudget")
     # A quota refusal.
     quota = namespaced(cp, "quota")
     cp.apply({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "pods"},
