@@ -1,5 +1,5 @@
-"""Pure functions that turn a FineTune spec into the Service, Pod (and optional NetworkPolicy)
-manifests it needs.
+"""Pure functions that turn a FineTune spec into the Service, Pod (and optional NetworkPolicy,
+PodGroup and PodDisruptionBudget) manifests it needs.
 
 Nothing here talks to a cluster, so every manifest can be unit-tested from a spec dict.
 The container command follows docs/trainer-contract.md: its flags are written by the trainer's

@@ -9,8 +9,10 @@ Idempotence rules:
 - Pods carry ``finetune.dev/attempt`` = status.restarts at creation. A restart first records
   restarts+1 in status, then deletes the pods; pods of an older attempt are deleted on sight,
   so a crash between the two steps neither loses nor double-counts the restart.
-- The immutable part of the spec is stored in an annotation when the run starts; pods are
-  always built from it, so a rejected spec change is never half-applied.
+- The immutable part of the spec is recorded in status.appliedSpec when the run starts; pods
+  are always built from it, so a rejected spec change is never half-applied. In the status
+  (not an annotation, as before 0.2) because a FineTune's author may edit its metadata but
+  not its status: an edited copy of the spec would skip validation.
 """
 
 from __future__ import annotations
@@ -51,7 +53,6 @@ class Event:
 @dataclasses.dataclass
 class Plan:
     status: dict[str, Any]
-    annotations: dict[str, str] = dataclasses.field(default_factory=dict)
     create_service: dict[str, Any] | None = None
     # Only when the operator's network policy setting is on (isolation of the run's pods).
     create_network_policy: dict[str, Any] | None = None
@@ -190,11 +191,23 @@ def _release_gang(p: Plan, run: _Run) -> None:
         p.release_pods = sorted(pod["metadata"]["name"] for pod in run.current.values())
 
 
+def applied_spec(finetune: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The immutable spec the run was started with, None before it started. A run started by
+    an operator before 0.2 has it in an annotation, trusted only once the status says the run
+    started (which the FineTune's author cannot write)."""
+    status = finetune.get("status") or {}
+    if status.get("appliedSpec") is not None:
+        return dict(status["appliedSpec"])
+    legacy = (finetune["metadata"].get("annotations") or {}).get(m.ANNOTATION_APPLIED_SPEC)
+    if legacy is not None and status.get("appliedGeneration") is not None:
+        return json.loads(legacy)
+    return None
+
+
 def _finished_spec_was_edited(p: Plan, finetune: Mapping[str, Any], now: dt.datetime) -> bool:
     """A spec that failed validation was edited: validate it again from scratch."""
     meta, old = finetune["metadata"], finetune.get("status") or {}
-    applied_json = (meta.get("annotations") or {}).get(m.ANNOTATION_APPLIED_SPEC)
-    if applied_json is not None or old.get("phase") != st.FAILED or old.get("observedGeneration") == meta.get("generation"):
+    if applied_spec(finetune) is not None or old.get("phase") != st.FAILED or old.get("observedGeneration") == meta.get("generation"):
         return False
     p.status = {
         "observedGeneration": meta.get("generation"),
@@ -208,9 +221,9 @@ def _start_or_check_spec(p: Plan, finetune: Mapping[str, Any], now: dt.datetime,
                          validate: Callable[[], list[str]]) -> dict[str, Any] | None:
     """The applied spec: recorded now when the run starts (None if the spec is invalid)."""
     meta, spec = finetune["metadata"], finetune.get("spec") or {}
-    applied_json = (meta.get("annotations") or {}).get(m.ANNOTATION_APPLIED_SPEC)
-    if applied_json is not None:
-        applied = json.loads(applied_json)
+    applied = applied_spec(finetune)
+    if applied is not None:
+        p.status["appliedSpec"] = applied  # (moved from a legacy annotation on the next write)
         _check_spec_change(p, spec, applied, now)
         return applied
     problems = validate()
@@ -218,9 +231,9 @@ def _start_or_check_spec(p: Plan, finetune: Mapping[str, Any], now: dt.datetime,
         _finish(p, st.FAILED, "ValidationFailed", "invalid spec: " + "; ".join(problems), now)
         return None
     applied = m.immutable_spec(spec)
-    p.annotations[m.ANNOTATION_APPLIED_SPEC] = json.dumps(applied, sort_keys=True, separators=(",", ":"))
     workers = int(applied["workers"])
     p.status.update({
+        "appliedSpec": applied,
         "appliedSpecHash": m.spec_hash(spec),
         "appliedGeneration": meta.get("generation"),
         "restarts": 0,
@@ -528,12 +541,7 @@ def _execute(
     meta = finetune["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     current: Mapping[str, Any] = finetune  # the FineTune as the last write left it
-    # Order matters for crash safety: record decisions (annotation, status) before acting on them.
-    if p.annotations:
-        current = kube.patch_finetune(namespace, name, {"metadata": {"annotations": p.annotations}},
-                                      resource_version=meta.get("resourceVersion"))
-        if on_write:
-            on_write(current)
+    # Order matters for crash safety: record decisions (status) before acting on them.
     patch = status_patch(current.get("status") or {}, p.status)
     acts = p.delete_pods or p.stop_pods or p.create_pods or p.delete_finetune
     if patch or acts:

@@ -186,6 +186,15 @@ def gang_problems(spec: Mapping[str, Any], settings: manifests.PlatformSettings)
     return problems
 
 
+def pod_group_api_missing(spec: Mapping[str, Any]) -> str:
+    """The problem when the cluster does not serve the PodGroups of the FineTune's gang policy."""
+    policy = manifests.gang_policy(spec)
+    return (f"spec.scheduling.gang.policy {policy}: this cluster serves no "
+            f"{manifests.POD_GROUP_API_VERSIONS[policy]} PodGroups; ask the platform team to install "
+            f"{'scheduler-plugins' if policy == manifests.GANG_COSCHEDULING else 'Volcano'} (its PodGroup CRD), "
+            "or use another gang policy")
+
+
 def path_problems(spec: Mapping[str, Any]) -> list[str]:
     """Paths joined to a mount point stay inside their volume: relative, no '..' segment."""
     problems = []

@@ -138,6 +138,29 @@ def test_gang_policies_need_their_queue_or_the_charts_scheduler():
     assert misplaced.startswith("spec.scheduling.gang.queue applies to policy Volcano only (this one is Kueue)")
 
 
+def test_a_pod_group_api_the_cluster_does_not_serve_fails_validation():
+    class Discovery:
+        def __init__(self, served):
+            self.served, self.asked = served, []
+
+        def get_or_none(self, path):
+            self.asked.append(path)
+            return {"kind": "APIResourceList"} if path in self.served else None
+
+    finetune = {"metadata": {"name": "run", "namespace": "ml"}, "spec": cpu_spec(scheduling=gang("Volcano"))}
+    missing = Discovery(served=())
+    [problem] = reconcile.validate_in_cluster(missing, finetune, settings=ALL_ON)
+    assert missing.asked == ["/apis/scheduling.volcano.sh/v1beta1"]
+    assert problem == ("spec.scheduling.gang.policy Volcano: this cluster serves no scheduling.volcano.sh/v1beta1 "
+                       "PodGroups; ask the platform team to install Volcano (its PodGroup CRD), or use another gang "
+                       "policy")
+    assert reconcile.validate_in_cluster(Discovery(served=missing.asked), finetune, settings=ALL_ON) == []
+    # Other policies ask nothing.
+    plain = Discovery(served=())
+    finetune["spec"] = cpu_spec(scheduling={"queueName": "q"})
+    assert reconcile.validate_in_cluster(plain, finetune, settings=ALL_ON) == [] and plain.asked == []
+
+
 # --- the plan: PodGroup/PDB with the Service, retriable-in-group on a final failure -------------------
 
 def body_with(**spec_changes) -> dict:
