@@ -1,7 +1,9 @@
 """kopf wiring only: indexes of what the operator watches, and handlers that forward to ``runtime``.
 
 The indexes (kopf keeps them from its watches) are all the reconciler reads: a reconcile makes
-no GET or LIST, only the writes it decides on.
+no GET or LIST, only the writes it decides on. Every function here is async and quick (an index
+entry, or a FineTune put on runtime's work queue): nothing in kopf's event loop or its thread
+pool waits on the API.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ OWNED_LABELS = {m.LABEL_MANAGED_BY: m.MANAGED_BY, m.LABEL_FINETUNE: kopf.PRESENT
 
 
 @kopf.index(m.GROUP, m.VERSION, m.PLURAL)
-def finetunes_by_name(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,
+async def finetunes_by_name(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,
                       **_: Any) -> dict[runtime.Key, Any]:
     entry = runtime.finetune_entry(body)
     if "runtime" in memo:  # the watch has caught up with this version (see runtime.LatestCopies)
@@ -28,7 +30,7 @@ def finetunes_by_name(namespace: str, name: str, body: kopf.Body, memo: kopf.Mem
 
 
 @kopf.index("", "v1", "pods", labels=OWNED_LABELS)
-def worker_pods_by_finetune(namespace: str, name: str, labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo,
+async def worker_pods_by_finetune(namespace: str, name: str, labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo,
                             **_: Any) -> dict[runtime.Key, Any]:
     key = (namespace, labels[m.LABEL_FINETUNE])
     if "runtime" in memo:  # the watch has delivered this pod (see runtime.RecentPods)
@@ -37,7 +39,7 @@ def worker_pods_by_finetune(namespace: str, name: str, labels: kopf.Labels, body
 
 
 @kopf.index("", "v1", "services", labels=OWNED_LABELS)
-def services_by_finetune(namespace: str, labels: kopf.Labels, **_: Any) -> dict[runtime.Key, bool]:
+async def services_by_finetune(namespace: str, labels: kopf.Labels, **_: Any) -> dict[runtime.Key, bool]:
     return {(namespace, labels[m.LABEL_FINETUNE]): True}
 
 
@@ -52,16 +54,16 @@ def _cache(finetunes_by_name: kopf.Index, worker_pods_by_finetune: kopf.Index,
 # the FineTune (the first listing after a restart included) simply reconciles it, except the
 # operator's own last write (see runtime.finetune_changed).
 @kopf.on.event(m.GROUP, m.VERSION, m.PLURAL)
-def finetune_changed(type: str, namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,  # noqa: A002
+async def finetune_changed(type: str, namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,  # noqa: A002
                      finetunes_by_name: kopf.Index, worker_pods_by_finetune: kopf.Index,
                      services_by_finetune: kopf.Index, **_: Any) -> None:
+    cache = _cache(finetunes_by_name, worker_pods_by_finetune, services_by_finetune)
     if type == "DELETED":
         # No finalizer for this: the pods and Service go by garbage collection, and what the
-        # operator keeps per FineTune (locks, metrics, copies) can go once it is gone. (kopf adds
-        # its finalizer while the clock daemon runs, to stop the daemon before deletion.)
-        runtime.forget_finetune(memo.runtime, (namespace, name))
+        # operator keeps per FineTune (metrics, copies) can go once it is gone. (kopf adds its
+        # finalizer while the clock daemon runs, to stop the daemon before deletion.)
+        runtime.finetune_deleted(memo.runtime, (namespace, name), cache)
         return
-    cache = _cache(finetunes_by_name, worker_pods_by_finetune, services_by_finetune)
     runtime.finetune_changed(memo.runtime, (namespace, name), cache, body)
 
 
@@ -78,7 +80,7 @@ async def finetune_clock(namespace: str, name: str, body: kopf.Body, memo: kopf.
 
 
 @kopf.on.event("", "v1", "pods", labels=OWNED_LABELS)
-def worker_pod_event(namespace: str, labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo,
+async def worker_pod_event(namespace: str, labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo,
                      finetunes_by_name: kopf.Index, worker_pods_by_finetune: kopf.Index,
                      services_by_finetune: kopf.Index, **_: Any) -> None:
     cache = _cache(finetunes_by_name, worker_pods_by_finetune, services_by_finetune)

@@ -42,6 +42,7 @@ class Options:
     metrics_address: str = "0.0.0.0"
     server_timeout: int = 300
     posting_level: str = "INFO"
+    # Threads that reconcile (runtime.WorkQueue; kopf's handlers are async and only enqueue).
     max_workers: int = 8
     scrape_timeout: float = 2.0
     # Threads that scrape rank 0 (apart from kopf's handler threads).
@@ -50,6 +51,8 @@ class Options:
     poll_interval: float = 10.0
     # How long after an API error a reconcile is tried again.
     retry_delay: float = 5.0
+    # How long a pod event waits for its siblings' events before its FineTune is reconciled.
+    pod_event_delay: float = 0.5
     # The trainer image for FineTunes without spec.image (the chart sets FINETUNE_TRAINER_IMAGE).
     trainer_image: str = m.DEFAULT_TRAINER_IMAGE
     # Comma-separated volume source types a FineTune may use; empty: validation's default.
@@ -75,6 +78,7 @@ class Options:
         "scrape_workers": "FINETUNE_OPERATOR_SCRAPE_WORKERS",
         "poll_interval": "FINETUNE_OPERATOR_RECONCILE_INTERVAL",
         "retry_delay": "FINETUNE_OPERATOR_RETRY_DELAY",
+        "pod_event_delay": "FINETUNE_OPERATOR_POD_EVENT_DELAY",
         "trainer_image": m.TRAINER_IMAGE_ENV,
         "allowed_volume_types": "FINETUNE_OPERATOR_ALLOWED_VOLUME_TYPES",
         "network_policy": "FINETUNE_OPERATOR_NETWORK_POLICY",
@@ -115,7 +119,6 @@ def configure_operator(settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     # --peering makes it mandatory, --standalone turns it off).
     if settings.peering.name == "default":
         settings.peering.name = PEERING_NAME
-    settings.execution.max_workers = options.max_workers
     # Deleting a FineTune waits for its daemon to exit; if the daemon was mid-reconcile (or is the
     # one deleting it for ttlSecondsAfterFinished), kopf re-checks after this many seconds
     # (default 60) before it releases the finalizer.
@@ -155,6 +158,7 @@ def platform_settings(options: Options) -> manifests.PlatformSettings:
 @kopf.on.cleanup()
 def stop_scraping(memo: kopf.Memo, **_: Any) -> None:
     if "runtime" in memo:
+        memo.runtime.queue.shutdown()
         memo.runtime.scrapes.shutdown()
 
 

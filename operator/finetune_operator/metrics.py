@@ -29,10 +29,12 @@ class OperatorMetrics:
         self.restarts = Counter("finetune_operator_restarts", "Restarts of all workers after a retryable failure.",
                                 registry=registry)
         self.reconcile_duration = Histogram(
-            "finetune_operator_reconcile_duration_seconds", "Time spent in one handler call (seconds).",
+            "finetune_operator_reconcile_duration_seconds", "Time spent in one reconcile, by what asked for it (seconds).",
             ["handler"], registry=registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        self.queue_depth = Gauge("finetune_operator_work_queue_depth",
+                                 "FineTunes waiting for a reconcile (count).", registry=registry)
         labels = ["namespace", "finetune"]
         self.map50 = Gauge("finetune_operator_map50", "Latest validation mAP@0.5 (ratio 0-1).", labels, registry=registry)
         self.map50_95 = Gauge("finetune_operator_map50_95", "Latest validation mAP@0.5:0.95 (ratio 0-1).",

@@ -10,15 +10,15 @@ Failed condition says so, and a finished FineTune plans no further work.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
-import contextlib
+import contextvars
 import dataclasses
 import datetime as dt
+import heapq
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import kopf
 import urllib3.exceptions
@@ -42,46 +42,95 @@ Key = tuple[str, str]  # (namespace, FineTune name)
 RECENT_POD_SECONDS = 30.0
 
 
-class Locks:
-    """One reconcile per FineTune at a time (handlers run in kopf's thread pool)."""
-
-    def __init__(self) -> None:
-        self._locks: dict[Key, threading.Lock] = {}
-        self._guard = threading.Lock()
-
-    @contextlib.contextmanager
-    def hold(self, key: Key) -> Iterator[None]:
-        with self._guard:
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
-            yield
-
-    def forget(self, key: Key) -> None:
-        with self._guard:
-            self._locks.pop(key, None)
+@dataclasses.dataclass(frozen=True)
+class _Item:
+    due: float  # time.monotonic()
+    why: str
+    cache: "Cache"
+    context: contextvars.Context
 
 
-class Retries:
-    """At most one pending retry per FineTune: a burst of failing events schedules one."""
+class WorkQueue:
+    """FineTunes waiting for a reconcile, worked off by threads of the operator's own, like
+    client-go's workqueue: a FineTune is queued at most once however many events ask for it (a
+    burst of pod events is one reconcile), never reconciled by two threads at once (asked for
+    while it runs, it is queued again for after), and may be asked for after a delay (pod events
+    wait a moment for their siblings; API trouble waits the retry delay). kopf's handlers only
+    enqueue, so none of kopf's threads ever waits on the API. Each reconcile runs in the context
+    of the handler that queued it (contextvars: kopf's event poster lives there)."""
 
-    def __init__(self) -> None:
-        self._pending: set[Key] = set()
-        self._guard = threading.Lock()
+    def __init__(self, process: "Callable[[Key, str, Cache], None]", workers: int,
+                 depth: "Callable[[int], None] | None" = None):
+        self._process = process
+        self._depth = depth or (lambda _: None)
+        self._cond = threading.Condition()
+        self._pending: dict[Key, _Item] = {}
+        self._heap: list[tuple[float, int, Key]] = []  # (due, order, key); stale entries are skipped
+        self._active: set[Key] = set()
+        self._again: dict[Key, _Item] = {}  # asked for while active
+        self._order = 0
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._work, name=f"reconcile-{i}", daemon=True)
+                         for i in range(max(1, workers))]
+        for thread in self._threads:
+            thread.start()
 
-    def schedule(self, key: Key, delay: float, retry: Any) -> None:
-        with self._guard:
-            if key in self._pending:
+    def add(self, key: Key, why: str, cache: "Cache", delay: float = 0.0) -> None:
+        item = _Item(time.monotonic() + delay, why, cache, contextvars.copy_context())
+        with self._cond:
+            if key in self._active:
+                earlier = self._again.get(key)
+                if earlier is None or item.due < earlier.due:
+                    self._again[key] = item
                 return
-            self._pending.add(key)
+            self._push(key, item)
 
-        def run() -> None:
-            with self._guard:
-                self._pending.discard(key)
-            retry()
+    def _push(self, key: Key, item: "_Item") -> None:
+        queued = self._pending.get(key)
+        if queued is not None and queued.due <= item.due:
+            return  # already due as soon or sooner
+        self._pending[key] = item
+        self._order += 1
+        heapq.heappush(self._heap, (item.due, self._order, key))
+        self._depth(len(self._pending))
+        self._cond.notify()
 
-        timer = threading.Timer(delay, run)
-        timer.daemon = True
-        timer.start()
+    def _next(self) -> tuple[Key, "_Item"] | None:
+        with self._cond:
+            while not self._stopping:
+                while self._heap and getattr(self._pending.get(self._heap[0][2]), "due", None) != self._heap[0][0]:
+                    heapq.heappop(self._heap)  # superseded by an earlier due time
+                if self._heap and self._heap[0][0] <= time.monotonic():
+                    key = heapq.heappop(self._heap)[2]
+                    item = self._pending.pop(key)
+                    self._active.add(key)
+                    self._depth(len(self._pending))
+                    return key, item
+                self._cond.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+            return None
+
+    def _work(self) -> None:
+        while (next_item := self._next()) is not None:
+            key, item = next_item
+            try:
+                item.context.run(self._process, key, item.why, item.cache)
+            except Exception:  # noqa: BLE001 - one FineTune's bug must not stop the queue
+                logger.exception("reconciling %s/%s failed", *key)
+            finally:
+                with self._cond:
+                    self._active.discard(key)
+                    again = self._again.pop(key, None)
+                    if again is not None:
+                        self._push(key, again)
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._pending and not self._active
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
 
 
 # The status fields a scrape writes (see status.apply_trainer_metrics).
@@ -128,7 +177,6 @@ class ScrapePool:
     def forget(self, key: Key) -> None:
         with self._guard:
             self._written.pop(key, None)
-            self._last_version.pop(key, None)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -249,10 +297,13 @@ class Runtime:
     network_policy_metrics_from: list[dict[str, Any]] | None = None
     # What the chart allows FineTunes to ask of their pods (references, gang schedulers, PDBs).
     settings: m.PlatformSettings = dataclasses.field(default_factory=m.PlatformSettings)
-    locks: Locks = dataclasses.field(default_factory=Locks)
     latest: LatestCopies = dataclasses.field(default_factory=LatestCopies)
-    retries: Retries = dataclasses.field(default_factory=Retries)
     recent_pods: RecentPods = dataclasses.field(default_factory=RecentPods)
+    queue: WorkQueue = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.queue = WorkQueue(lambda key, why, cache: reconcile_queued(self, key, why, cache),
+                               self.options.max_workers, self.metrics.queue_depth.set)
 
     def wrote(self, key: Key, body: Mapping[str, Any]) -> None:
         """What the apiserver answered to one of this operator's writes for FineTune ``key``."""
@@ -326,35 +377,48 @@ def post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -
         pass
 
 
-def _reconcile(rt: Runtime, handler: str, key: Key, cache: Cache,
-               body: Mapping[str, Any] | None = None) -> reconcile.Plan | None:
+def _reconcile(rt: Runtime, key: Key, cache: Cache) -> reconcile.Plan | None:
     namespace, name = key
-    with rt.metrics.time_handler(handler), rt.locks.hold(key):
-        indexed, indexed_pods, service_exists = cache.observe(key)
-        finetune = rt.latest.newest(key, indexed or (finetune_entry(body) if body else None))
-        pods = rt.recent_pods.with_indexed(key, indexed_pods)
-        if finetune is None:
-            return None
-        try:
-            result = reconcile.reconcile(
-                rt.kube, finetune, pods, service_exists,
-                post_event=post_event, operator_metrics=rt.metrics, default_image=rt.options.trainer_image,
-                allowed_volume_types=rt.allowed_volume_types,
-                network_policy_metrics_from=rt.network_policy_metrics_from,
+    indexed, indexed_pods, service_exists = cache.observe(key)
+    if indexed is None:
+        # Gone from kopf's index: deleted (or never seen). What is kept for it can go now, in
+        # the queue's order, so no reconcile still running for it brings it back.
+        forget_finetune(rt, key)
+        return None
+    finetune = rt.latest.newest(key, indexed)
+    pods = rt.recent_pods.with_indexed(key, indexed_pods)
+    try:
+        result = reconcile.reconcile(
+            rt.kube, finetune, pods, service_exists,
+            post_event=post_event, operator_metrics=rt.metrics, default_image=rt.options.trainer_image,
+            allowed_volume_types=rt.allowed_volume_types,
+            network_policy_metrics_from=rt.network_policy_metrics_from,
             settings=rt.settings,
-                on_write=lambda written: rt.wrote(key, written),
-            )
-        except kube_.KubeError as e:
-            raise kopf.TemporaryError(f"API error while reconciling {namespace}/{name}: {e}",
-                                      delay=rt.options.retry_delay) from e
-        except (urllib3.exceptions.HTTPError, OSError) as e:
-            raise kopf.TemporaryError(f"API unreachable while reconciling {namespace}/{name}: {e}",
-                                      delay=rt.options.retry_delay) from e
-        if result is not None and result.scrape_pod:
-            url = scrape.metrics_url(result.scrape_pod, m.METRICS_PORT)
-            if url:
-                rt.scrapes.submit(rt, key, url, result.status)
-        return result
+            on_write=lambda written: rt.wrote(key, written),
+        )
+    except kube_.KubeError as e:
+        raise kopf.TemporaryError(f"API error while reconciling {namespace}/{name}: {e}",
+                                  delay=rt.options.retry_delay) from e
+    except (urllib3.exceptions.HTTPError, OSError) as e:
+        raise kopf.TemporaryError(f"API unreachable while reconciling {namespace}/{name}: {e}",
+                                  delay=rt.options.retry_delay) from e
+    if result is not None and result.scrape_pod:
+        url = scrape.metrics_url(result.scrape_pod, m.METRICS_PORT)
+        if url:
+            rt.scrapes.submit(rt, key, url, result.status)
+    return result
+
+
+def reconcile_queued(rt: Runtime, key: Key, why: str, cache: Cache) -> None:
+    """One reconcile, in a queue thread (``why``: what queued it, the metric's handler label).
+    API trouble queues it again after the retry delay, until a reconcile gets through or the
+    FineTune is gone (kopf does not retry event handlers)."""
+    try:
+        with rt.metrics.time_handler(why):
+            _reconcile(rt, key, cache)
+    except kopf.TemporaryError as e:
+        logger.warning("%s (retrying in %.0fs)", e, rt.options.retry_delay)
+        rt.queue.add(key, "retry", cache, delay=rt.options.retry_delay)
 
 
 def finetune_changed(rt: Runtime, key: Key, cache: Cache, body: Mapping[str, Any]) -> None:
@@ -363,34 +427,22 @@ def finetune_changed(rt: Runtime, key: Key, cache: Cache, body: Mapping[str, Any
     again), so planning it once more would only cost a thread and find nothing to do."""
     if rt.latest.is_last_known(key, (body.get("metadata") or {}).get("resourceVersion")):
         return
-    reconcile_soon(rt, "finetune-event", key, cache, body)
+    rt.queue.add(key, "finetune-event", cache)
+
+
+def finetune_deleted(rt: Runtime, key: Key, cache: Cache) -> None:
+    rt.queue.add(key, "finetune-deleted", cache)
 
 
 def worker_pod_changed(rt: Runtime, key: Key, pod: Mapping[str, Any], cache: Cache) -> None:
-    """A worker pod changed: its FineTune's status may have to follow at once; unless the event
-    shows the pod as this operator created it (the creating plan counted it already)."""
+    """A worker pod changed: its FineTune's status may have to follow, after a moment in which
+    the other workers' events join it (the scheduler and kubelets change a gang's pods within
+    milliseconds of each other: one status write, not one per pod). Not if the event shows the
+    pod as this operator created it (the creating plan counted it already)."""
     meta = pod.get("metadata") or {}
     if rt.recent_pods.is_as_created(key, meta.get("name", ""), meta.get("resourceVersion")):
         return
-    reconcile_soon(rt, "pod-event", key, cache)
-
-
-def reconcile_soon(rt: Runtime, handler: str, key: Key, cache: Cache, body: Mapping[str, Any] | None = None) -> None:
-    """Reconcile now (a FineTune or one of its pods changed). kopf does not retry event
-    handlers, so API trouble is retried here after the retry delay, until a reconcile gets
-    through or the FineTune is gone (at most one retry waits per FineTune)."""
-    try:
-        _reconcile(rt, handler, key, cache, body)
-    except kopf.TemporaryError as e:
-        logger.warning("%s (retrying in %.0fs)", e, rt.options.retry_delay)
-        rt.retries.schedule(key, rt.options.retry_delay, lambda: reconcile_soon(rt, "retry", key, cache))
-
-
-def _reconcile_quietly(rt: Runtime, handler: str, key: Key, cache: Cache) -> None:
-    try:
-        _reconcile(rt, handler, key, cache)
-    except kopf.TemporaryError as e:
-        logger.warning("%s", e)
+    rt.queue.add(key, "pod-event", cache, delay=rt.options.pod_event_delay)
 
 
 # --- the clock: the only periodic work, and only where something is due --------------------------------------
@@ -435,14 +487,13 @@ async def run_clock(rt: Runtime, key: Key, body: Mapping[str, Any], stopped: Any
             # metrics) long before its deadline. The look itself makes no API call.
             await stopped.wait(min(due, rt.options.poll_interval))
             continue
-        await asyncio.to_thread(_reconcile_quietly, rt, "clock", key, cache)
+        rt.queue.add(key, "clock", cache)
         await stopped.wait(rt.options.poll_interval)
 
 
 def forget_finetune(rt: Runtime, key: Key) -> None:
     """The FineTune is being deleted: its pods and Service go by garbage collection."""
     rt.metrics.forget(*key)
-    rt.locks.forget(key)
     rt.scrapes.forget(key)
     rt.latest.forget(key)
     rt.recent_pods.forget(key)

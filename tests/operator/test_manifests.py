@@ -399,10 +399,9 @@ def cpu_body(**kwargs) -> dict:
 
 
 def started(body: dict) -> dict:
-    """The body after the first reconcile (annotation + status applied)."""
+    """The body after the first reconcile (its status applied)."""
     first = reconcile.plan(body, [], False, NOW, lambda: [])
     body = copy.deepcopy(body)
-    body["metadata"].setdefault("annotations", {}).update(first.annotations)
     body["status"] = {k: v for k, v in first.status.items() if v is not None}
     return body, first
 
@@ -422,7 +421,7 @@ def test_create_validates_records_spec_and_makes_service_and_pods():
     body, first = started(cpu_body())
     assert first.create_service["spec"]["clusterIP"] == "None"
     assert [p["metadata"]["name"] for p in first.create_pods] == ["cpu-smoke-worker-0", "cpu-smoke-worker-1"]
-    assert json.loads(first.annotations[m.ANNOTATION_APPLIED_SPEC]) == m.immutable_spec(body["spec"])
+    assert first.status["appliedSpec"] == m.immutable_spec(body["spec"])
     assert first.status["phase"] == "Pending" and first.status["restarts"] == 0
     assert first.status["progress"] == "0/2" and first.status["startTime"] == "2026-01-02T03:04:05Z"
     assert st.condition_is_true(first.status["conditions"], "Created")
@@ -436,12 +435,32 @@ def test_create_validates_records_spec_and_makes_service_and_pods():
     assert again.status["message"] == "waiting for worker pod(s) to start: cpu-smoke-worker-0, cpu-smoke-worker-1"
 
 
+def test_the_applied_spec_is_read_from_the_status_not_from_an_annotation_the_author_can_edit():
+    body, first = started(cpu_body())
+    # The author writes a "spec" of their own into the old annotation (hostPath, say): ignored.
+    forged = {**first.status["appliedSpec"], "volumes": [{"name": "host", "hostPath": {"path": "/"}}]}
+    body["metadata"]["annotations"] = {m.ANNOTATION_APPLIED_SPEC: json.dumps(forged)}
+    assert reconcile.applied_spec(body) == m.immutable_spec(cpu_body()["spec"])
+    # ... and on a FineTune that has not started, it does not stand in for validation.
+    fresh = cpu_body()
+    fresh["metadata"]["annotations"] = {m.ANNOTATION_APPLIED_SPEC: json.dumps(forged)}
+    assert reconcile.applied_spec(fresh) is None
+    assert reconcile.plan(fresh, [], False, NOW, lambda: ["bad volume"]).validation_failed
+    # A run an earlier operator started (annotation, and a status saying it started) carries on,
+    # its applied spec moved into the status with the next write.
+    legacy = cpu_body()
+    legacy["metadata"]["annotations"] = {m.ANNOTATION_APPLIED_SPEC: json.dumps(m.immutable_spec(legacy["spec"]))}
+    legacy["status"] = {k: v for k, v in first.status.items() if k != "appliedSpec"}
+    p = reconcile.plan(legacy, [], True, NOW, lambda: ["not validated again"])
+    assert p.status["appliedSpec"] == m.immutable_spec(legacy["spec"]) and not p.validation_failed
+
+
 def test_validation_failure_then_fixed_spec_starts():
     body = cpu_body()
     p = reconcile.plan(body, [], False, NOW, lambda: ["spec.freeze 30 is too deep"])
     assert p.validation_failed and p.status["phase"] == "Failed"
     assert p.status["message"] == "invalid spec: spec.freeze 30 is too deep"
-    assert not p.create_pods and not p.annotations and p.counters == ["failed"]
+    assert not p.create_pods and "appliedSpec" not in p.status and p.counters == ["failed"]
     body["status"] = p.status
     assert not reconcile.plan(body, [], False, NOW, lambda: []).create_pods  # same generation: stays failed
     body["metadata"]["generation"] = 2

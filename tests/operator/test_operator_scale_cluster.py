@@ -155,8 +155,6 @@ def test_an_operator_that_died_between_two_posts_completes_the_set(operator_kube
     finetune = cluster.finetune("half")
     start = reconcile.plan(finetune, [], False, dt.datetime.now(dt.timezone.utc), lambda: [])
     name = "half"
-    cluster.cp.kubectl("-n", namespace, "annotate", "ft", name,
-                       *(f"{k}={v}" for k, v in start.annotations.items()))
     cluster.cp.kubectl("-n", namespace, "patch", "ft", name, "--subresource=status", "--type=merge",
                        "-p", json.dumps({"status": {k: v for k, v in start.status.items() if v is not None}}))
     cluster.apply(start.create_service)

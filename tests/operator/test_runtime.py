@@ -1,9 +1,14 @@
-"""runtime's memory of the operator's own writes: what it plans from before kopf's watch has
-caught up, and which events it need not reconcile."""
+"""runtime's memory of the operator's own writes (what it plans from before kopf's watch has
+caught up, and which events it need not reconcile) and its work queue."""
 
 from __future__ import annotations
 
+import contextvars
+import threading
+import time
+
 from finetune_operator import runtime
+from support import wait_for
 
 KEY = ("ml", "ft")
 
@@ -45,3 +50,97 @@ def test_a_created_pod_counts_until_seen_and_its_first_event_is_known():
     assert not pods.is_as_created(KEY, "ft-worker-0", "11")  # asked once: later events reconcile
     pods.created(KEY, pod("ft-worker-1", "12"))
     assert not pods.is_as_created(KEY, "ft-worker-1", "13")  # changed since (e.g. scheduled)
+
+
+# --- the work queue -----------------------------------------------------------------------------------
+
+class Recorder:
+    """A queue's process function that records calls and can hold one until released."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple[str, str], str]] = []
+        self.running = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+        self.concurrent = 0
+        self.most_concurrent = 0
+        self._guard = threading.Lock()
+
+    def __call__(self, key, why, cache) -> None:
+        with self._guard:
+            self.calls.append((key, why))
+            self.concurrent += 1
+            self.most_concurrent = max(self.most_concurrent, self.concurrent)
+        self.running.set()
+        self.release.wait(10)
+        with self._guard:
+            self.concurrent -= 1
+
+
+def test_a_burst_of_events_for_one_finetune_is_one_reconcile():
+    recorder = Recorder()
+    queue = runtime.WorkQueue(recorder, workers=4)
+    try:
+        for _ in range(50):
+            queue.add(KEY, "pod-event", None, delay=0.2)
+        queue.add(("ml", "other"), "finetune-event", None)
+        assert wait_for(queue.idle, "the queue to drain", timeout=5)
+        assert sorted(recorder.calls) == [(KEY, "pod-event"), (("ml", "other"), "finetune-event")]
+        # The undelayed one ran first: a delay orders the queue.
+        assert recorder.calls[0] == (("ml", "other"), "finetune-event")
+        # An earlier ask wins over a later one for the same FineTune.
+        recorder.calls.clear()
+        queue.add(KEY, "pod-event", None, delay=5)
+        queue.add(KEY, "finetune-event", None)
+        assert wait_for(lambda: recorder.calls, "a reconcile", timeout=2) and recorder.calls == [(KEY, "finetune-event")]
+    finally:
+        queue.shutdown()
+
+
+def test_a_finetune_is_never_reconciled_twice_at_once_and_an_ask_while_it_runs_is_kept():
+    recorder = Recorder()
+    queue = runtime.WorkQueue(recorder, workers=4)
+    try:
+        recorder.release.clear()
+        queue.add(KEY, "finetune-event", None)
+        assert recorder.running.wait(5)
+        queue.add(KEY, "pod-event", None)  # while the first runs: queued for after it
+        queue.add(KEY, "pod-event", None)
+        time.sleep(0.2)
+        assert recorder.calls == [(KEY, "finetune-event")]  # not started alongside
+        recorder.release.set()
+        assert wait_for(lambda: len(recorder.calls) == 2 and queue.idle(), "the second reconcile", timeout=5)
+        assert recorder.most_concurrent == 1 and recorder.calls[1] == (KEY, "pod-event")
+    finally:
+        queue.shutdown()
+
+
+def test_a_failing_reconcile_does_not_stop_the_queue():
+    calls = []
+
+    def process(key, why, cache):
+        calls.append(key)
+        if key == KEY:
+            raise RuntimeError("a bug in one FineTune's reconcile")
+
+    queue = runtime.WorkQueue(process, workers=1)
+    try:
+        queue.add(KEY, "finetune-event", None)
+        queue.add(("ml", "next"), "finetune-event", None, delay=0.05)
+        assert wait_for(lambda: len(calls) == 2, "the next FineTune", timeout=5)
+    finally:
+        queue.shutdown()
+
+
+def test_a_reconcile_runs_in_the_context_of_the_handler_that_queued_it():
+    # kopf's event poster is found through a contextvar of its event loop; a plain thread has
+    # none, and the FineTune's Events would be dropped.
+    poster = contextvars.ContextVar("poster")
+    seen = []
+    queue = runtime.WorkQueue(lambda key, why, cache: seen.append(poster.get(None)), workers=1)
+    try:
+        poster.set("kopf's queue")
+        queue.add(KEY, "finetune-event", None)
+        assert wait_for(lambda: seen, "the reconcile", timeout=5) == ["kopf's queue"]
+    finally:
+        queue.shutdown()

@@ -121,7 +121,7 @@ RBAC rules for what the operator does inside a watched namespace. Shared by the 
 operator makes; nothing is "*".
 */}}
 {{- define "finetune-operator.workloadRules" -}}
-# Watch FineTunes (kopf's watch and index); patch for the applied-spec annotation and kopf's
+# Watch FineTunes (kopf's watch and index); patch for kopf's
 # finalizer while a clock daemon runs; get to re-read one after a write refused as stale;
 # delete for spec.ttlSecondsAfterFinished (the operator removes finished FineTunes itself).
 - apiGroups: ["finetune.dev"]
