@@ -460,7 +460,11 @@ def validate_in_cluster(
     if ref:
         configmap = kube.get_or_none(kube.core_path(meta["namespace"], "configmaps", ref["configMapName"]))
         model_cfg, model_error = validation.parse_model_configmap(configmap, spec, meta["namespace"])
-    return validation.validate_spec(meta["name"], spec, model_cfg, model_error, allowed_volume_types, settings)
+    problems = validation.validate_spec(meta["name"], spec, model_cfg, model_error, allowed_volume_types, settings)
+    pod_group_api = m.POD_GROUP_API_VERSIONS.get(m.gang_policy(spec))
+    if pod_group_api and not problems and kube.get_or_none(f"/apis/{pod_group_api}") is None:  # (discovery)
+        problems.append(validation.pod_group_api_missing(spec))
+    return problems
 
 
 def reconcile(
