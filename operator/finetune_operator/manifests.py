@@ -238,7 +238,7 @@ def train_config(name: str, spec: Mapping[str, Any]) -> TrainConfig:
     training = full["training"]
     optional = {"lr0": training.get("learningRate"), "lr_schedule": training.get("lrSchedule"),
                 "patience": training.get("patience"), "seed": training.get("seed"),
-                "workers": training.get("dataLoaderWorkers")}
+                "workers": training.get("dataLoaderWorkers"), "cache_views": training.get("cacheViews")}
     return TrainConfig(
         data=f"{DATA_MOUNT}/{full['dataset']['config']}",
         model=f"{CONFIG_MOUNT}/{model['config']['key']}" if model.get("config") else str(model["architecture"]),

@@ -38,10 +38,13 @@ _RUN_GAUGES = {
     "finetune_precision": "precision",
     "finetune_recall": "recall",
     "finetune_images_per_second": "imagesPerSecond",
+    "finetune_feature_cache_bytes": "featureCacheBytes",
+    "finetune_feature_cache_build_seconds": "featureCacheBuildSeconds",
+    "finetune_feature_cache_views": "featureCacheViews",
 }
 # Per-rank peak memory: the largest rank is the one that runs out first.
 _PEAK_MEMORY = ("finetune_gpu_memory_peak_bytes", "finetune_cpu_memory_peak_bytes")
-_INTEGER_FIELDS = ("epoch", "epochs", "gpuMemoryPeakBytes")
+_INTEGER_FIELDS = ("epoch", "epochs", "gpuMemoryPeakBytes", "featureCacheBytes", "featureCacheViews")
 # The values a real trainer can report; anything else is dropped (status field -> [low, high]).
 VALUE_RANGES: dict[str, tuple[float, float]] = {
     "epoch": (0, 1_000_000),
@@ -53,6 +56,9 @@ VALUE_RANGES: dict[str, tuple[float, float]] = {
     "imagesPerSecond": (0, 1e9),
     "gpuMemoryPeakBytes": (0, 2**53),
     "trainLoss": (0, 1e9),
+    "featureCacheBytes": (0, 2**53),
+    "featureCacheBuildSeconds": (0, 1e8),
+    "featureCacheViews": (1, 64),
 }
 
 

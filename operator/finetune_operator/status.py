@@ -26,15 +26,24 @@ SPEC_CHANGE_REJECTED = "SpecChangeRejected"
 # Conditions that describe the current activity: at most one of them is True at a time.
 ACTIVITY_CONDITIONS = (RUNNING, RESTARTING, SUSPENDED)
 
-# Exit codes the trainer uses for "killed by a signal" (128 + SIGINT/SIGKILL/SIGTERM): the node
-# or the kubelet stopped it, the run can continue from last.pt.
-RETRYABLE_EXIT_CODES = frozenset({130, 137, 143})
-# Pod-level reasons for infrastructure failures (kubelet eviction, node loss or shutdown, the
-# node enforcing a pod deadline, admission on a node that changed).
-RETRYABLE_POD_REASONS = frozenset({
-    "Evicted", "NodeLost", "DeadlineExceeded", "Shutdown", "Terminated", "NodeShutdown",
+# What a failed worker means for the run (spec.failurePolicy's actions): FailFineTune ends it,
+# Restart starts every worker again from last.pt (counted against spec.backoffLimit), Ignore
+# does too but counts as a disruption (spec.maxDisruptions), as the cluster's doing.
+FAIL_FINETUNE, RESTART, IGNORE = "FailFineTune", "Restart", "Ignore"
+# Kubeflow's ExitCode restart policy, the default: 1-127 are the program's own verdict
+# (permanent), 128-255 are 128 + a signal (SIGKILL from the OOM killer, SIGABRT from the NCCL
+# watchdog, SIGTERM from a deletion: retryable).
+RETRYABLE_EXIT_CODES = frozenset(range(128, 256))
+# Pod-level reasons the node gives when it, not the program, ended the pod (kubelet eviction,
+# node loss or shutdown, admission on a node that changed, kubelet preemption): disruptions.
+DISRUPTION_POD_REASONS = frozenset({
+    "Evicted", "NodeLost", "Shutdown", "Terminated", "NodeShutdown",
     "UnexpectedAdmissionError", "Preempting", "OutOfcpu", "OutOfmemory", "OutOfpods",
 })
+# The node enforcing a pod's activeDeadlineSeconds: retryable, not a disruption.
+RETRYABLE_POD_REASONS = frozenset({"DeadlineExceeded"})
+# Kubernetes >= 1.26 marks a pod it is about to delete or fail for the cluster's reasons.
+DISRUPTION_TARGET = "DisruptionTarget"
 SIGNAL_NAMES = {130: "SIGINT", 137: "SIGKILL", 143: "SIGTERM", 139: "SIGSEGV", 134: "SIGABRT"}
 
 
@@ -111,6 +120,15 @@ class PodOutcome:
     exit_code: int | None = None
     reason: str = ""
     detail: str = ""  # last line of the termination message, or the pod's status message
+    # Failed (or deleted) for the cluster's reasons, not the program's: counts as a disruption.
+    disruption: bool = False
+    # When it failed (the container's finishedAt, the deletion time); None if unknown.
+    at: dt.datetime | None = None
+
+    @property
+    def cause(self) -> str:
+        """How a failure counts: 'disruption', 'retryable' or 'permanent'."""
+        return "disruption" if self.disruption else "retryable" if self.retryable else "permanent"
 
     def describe(self) -> str:
         """"pod x-worker-1 failed with exit code 2 (error: ...)" — for status.message."""
@@ -128,11 +146,24 @@ class PodOutcome:
         return text
 
 
-def classify_exit_code(code: int) -> str:
-    """'succeeded', 'retryable' (signals: continue from last.pt) or 'permanent'."""
+def exit_code_action(code: int, failure_policy: Mapping[str, Any] | None = None) -> str:
+    """What a worker's non-zero exit code means (FAIL_FINETUNE, RESTART or IGNORE): the first
+    of spec.failurePolicy.rules that matches it (like a Job's podFailurePolicy), else Kubeflow's
+    default (RETRYABLE_EXIT_CODES restart, the rest fail the run)."""
+    for rule in (failure_policy or {}).get("rules") or []:
+        on = rule.get("onExitCodes") or {}
+        values = set(on.get("values") or [])
+        if (code in values) == (on.get("operator", "In") == "In"):
+            return str(rule["action"])
+    return RESTART if code in RETRYABLE_EXIT_CODES else FAIL_FINETUNE
+
+
+def classify_exit_code(code: int, failure_policy: Mapping[str, Any] | None = None) -> str:
+    """'succeeded', 'retryable' (continue from last.pt), 'disruption' (ditto, not counted
+    against backoffLimit) or 'permanent'."""
     if code == 0:
         return "succeeded"
-    return "retryable" if code in RETRYABLE_EXIT_CODES else "permanent"
+    return {RESTART: "retryable", IGNORE: "disruption"}.get(exit_code_action(code, failure_policy), "permanent")
 
 
 def _last_line(text: str | None) -> str:
@@ -157,7 +188,36 @@ def _trainer_terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
-def classify_pod(pod: Mapping[str, Any]) -> PodOutcome:
+def disruption_target(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The pod's DisruptionTarget condition if it is True (Kubernetes >= 1.26)."""
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == DISRUPTION_TARGET and condition.get("status") == "True":
+            return condition
+    return None
+
+
+def deletion_time(pod: Mapping[str, Any]) -> dt.datetime | None:
+    """When a terminating pod was deleted: its deletionTimestamp is that plus the grace period."""
+    meta = pod.get("metadata") or {}
+    deleted = parse_timestamp(meta.get("deletionTimestamp"))
+    if deleted is None:
+        return None
+    return deleted - dt.timedelta(seconds=int(meta.get("deletionGracePeriodSeconds") or 0))
+
+
+def deleted_by_others(pod: Mapping[str, Any]) -> PodOutcome:
+    """A worker pod of the running attempt that someone other than the operator deleted (the
+    scheduler preempting it, the Eviction API, a drain, the pod garbage collector after its
+    Node went): a disruption, at the time of the deletion."""
+    target = disruption_target(pod)
+    reason = str(target.get("reason") or DISRUPTION_TARGET) if target else "Deleted"
+    detail = (_last_line(target.get("message")) if target else "") or (
+        "deleted by someone other than the operator (preemption, eviction, a drain or its node's removal)")
+    return PodOutcome(pod["metadata"]["name"], "failed", True, reason=reason, detail=detail, disruption=True,
+                      at=deletion_time(pod))
+
+
+def classify_pod(pod: Mapping[str, Any], failure_policy: Mapping[str, Any] | None = None) -> PodOutcome:
     name = pod["metadata"]["name"]
     status = pod.get("status") or {}
     phase = status.get("phase") or "Pending"
@@ -166,18 +226,26 @@ def classify_pod(pod: Mapping[str, Any]) -> PodOutcome:
         return PodOutcome(name, "succeeded", exit_code=0)
     if phase == "Failed":
         pod_reason = status.get("reason") or ""
+        target = disruption_target(pod)
+        disruption = pod_reason in DISRUPTION_POD_REASONS or target is not None
+        if target is not None and not pod_reason:
+            pod_reason = str(target.get("reason") or DISRUPTION_TARGET)
         if terminated is not None and terminated.get("exitCode") is not None:
             code = int(terminated["exitCode"])
             detail = _last_line(terminated.get("message")) or _last_line(status.get("message"))
             reason = terminated.get("reason") or pod_reason
             if reason in ("Error", "Completed"):
                 reason = ""  # says nothing the exit code does not
-            retryable = classify_exit_code(code) == "retryable" or pod_reason in RETRYABLE_POD_REASONS
-            return PodOutcome(name, "failed", retryable, code, reason, detail)
+            kind = classify_exit_code(code, failure_policy)
+            retryable = kind != "permanent" or pod_reason in RETRYABLE_POD_REASONS or disruption
+            return PodOutcome(name, "failed", retryable, code, reason, detail,
+                              disruption=disruption or kind == "disruption",
+                              at=parse_timestamp(terminated.get("finishedAt")))
         # No exit code: the pod never ran or the node went away; an infrastructure failure
         # unless the kubelet said otherwise.
-        retryable = pod_reason in RETRYABLE_POD_REASONS or not pod_reason
-        return PodOutcome(name, "failed", retryable, None, pod_reason, _last_line(status.get("message")))
+        retryable = pod_reason in RETRYABLE_POD_REASONS or disruption or not pod_reason
+        return PodOutcome(name, "failed", retryable, None, pod_reason, _last_line(status.get("message")),
+                          disruption=disruption)
     if phase == "Running":
         return PodOutcome(name, "running")
     return PodOutcome(name, "pending", detail=waiting_reason(pod))
@@ -214,12 +282,23 @@ def progress(epoch: int | None, epochs: int | None) -> str:
     return f"{epoch or 0}/{epochs}" if epochs else ""
 
 
+# Scraped feature-cache figures (scrape._RUN_GAUGES) -> status.featureCache fields.
+FEATURE_CACHE_FIELDS = {"featureCacheBytes": "bytes", "featureCacheBuildSeconds": "buildSeconds",
+                        "featureCacheViews": "views"}
+
+
 def apply_trainer_metrics(status: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Status with the latest scraped trainer metrics (see scrape.TrainerMetrics.as_status)."""
     new = copy.deepcopy(dict(status))
     if not metrics:
         return new
     current = {k: v for k, v in metrics.items() if v is not None}
+    cache = {FEATURE_CACHE_FIELDS[k]: current.pop(k) for k in list(current) if k in FEATURE_CACHE_FIELDS}
+    if cache:
+        # --cache features: its size and build time, beside the images/s it trains at.
+        new["featureCache"] = {**(new.get("featureCache") or {}), **cache}
+        if "bytes" in new["featureCache"]:
+            new["featureCache"]["size"] = human_bytes(new["featureCache"]["bytes"])
     epoch = current.get("epoch")
     epochs = current.pop("epochs", None)
     if epoch is not None:

@@ -27,6 +27,7 @@ from .models.config import BUILTIN_MODELS, FREEZE_PRESETS
 
 SEED_MAX = 2**32 - 1  # numpy's seed limit; the CRD's spec.training.seed says the same
 MAX_CACHE_VIEWS = 64  # the CRD's spec.training.cacheViews says the same
+DEFAULT_CACHE_VIEWS = 4  # --cache-views unset (bench/results/feature-cache.md: what K costs)
 
 
 def feature_cache_refusal(freeze: str, freeze_bn: bool, mosaic: float) -> str | None:
@@ -156,7 +157,7 @@ class TrainConfig:
                         help="ram = keep decoded, resized images in RAM; features = run the frozen modules once "
                              "per image view and train the rest from their stored outputs (needs --freeze > 0 and "
                              "--freeze-bn true; no mosaic; see --cache-views)")
-    cache_views: int = option(4, type=int, metavar="K",
+    cache_views: int | None = option(None, type=int, metavar="K", default_text=str(DEFAULT_CACHE_VIEWS),
                               help="with --cache features: views computed per training image, view 0 un-augmented, "
                                    "the others randomly augmented; epoch e trains on view e mod K; 1 = no "
                                    "augmentation")
@@ -210,12 +211,17 @@ class TrainConfig:
         if self.lr0 is not None:
             self.lr0 = _checked_hyperparameter(f"--lr0 {self.lr0}", "lr0", self.lr0)
         self.hyp = {key: _checked_hyperparameter(f"--hyp {key}={value}", key, value) for key, value in self.hyp.items()}
-        if not 1 <= self.cache_views <= MAX_CACHE_VIEWS:
+        if self.cache_views is not None and not 1 <= self.cache_views <= MAX_CACHE_VIEWS:
             raise FinetuneError(f"--cache-views {self.cache_views}: must be from 1 to {MAX_CACHE_VIEWS}")
         if self.cache == "features":
             why = feature_cache_refusal(self.freeze, self.freeze_bn, self.hyperparameters["mosaic"])
             if why:
                 raise FinetuneError(why)
+
+    @property
+    def feature_cache_views(self) -> int:
+        """K of ``--cache features``: ``--cache-views``, else the default."""
+        return DEFAULT_CACHE_VIEWS if self.cache_views is None else self.cache_views
 
     @property
     def hyperparameters(self) -> dict[str, float]:

@@ -399,7 +399,7 @@ class Trainer:
         """Train and validate from the frozen prefix's stored outputs (finetune.feature_cache)."""
         cfg, info = self.cfg, self.info
         self.feature_cache = open_or_build(
-            self.model, self.freeze_depth, cfg.imgsz, self.train_set, self.val_set, self.hyp, cfg.cache_views,
+            self.model, self.freeze_depth, cfg.imgsz, self.train_set, self.val_set, self.hyp, cfg.feature_cache_views,
             cfg.seed, self.out, info, workers=self.workers)
         self.logger.info(self.feature_cache.describe())
         self.train_loader, self.train_sampler = cached_loader(self.feature_cache.train, self.batch_per_rank,
