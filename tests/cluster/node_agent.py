@@ -28,8 +28,12 @@ Status is reported like a kubelet: Pending -> Running (podIP, hostIP, Ready, sta
 Succeeded/Failed with the real exit code (128+N for signal N), reason Completed/Error (or
 DeadlineExceeded), and the log tail as ``message`` for ``FallbackToLogsOnError``. Deleting a
 pod SIGTERMs the container's main process, SIGKILLs everything in its netns after
-``terminationGracePeriodSeconds`` (capped, ``grace_cap``), then removes the pod object
-(grace 0). ``activeDeadlineSeconds`` is enforced.
+``terminationGracePeriodSeconds`` (or the deletion's own grace period) capped at ``grace_cap``
+(default 10 s so that the suite stays fast; ``FINETUNE_NODE_AGENT_GRACE_CAP`` or the
+``grace_cap`` argument changes it, and ``with agent.raised_grace_cap(120): ...`` lets one test
+honour a pod's longer grace period), then removes the pod object (grace 0). Each run records
+when its SIGTERM went out, the grace it was given and when its main process ended
+(``PodRun.sigterm_at``/``grace``/``exited_at``, monotonic). ``activeDeadlineSeconds`` is enforced.
 
 Everything it makes is named with its id (netns, veths, bridge, ``/etc/netns`` dirs, the work
 dir, and mount-point dirs such as ``/data`` that it had to create on the host) and recorded
@@ -59,6 +63,7 @@ image mode also ``runc`` and buildah (docker/images.py installs them).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -88,6 +93,10 @@ BRIDGE_PREFIX = "ftbr"
 VETH_PREFIX = "ftv"
 LOG_TAIL_LINES = 80      # kubelet: FallbackToLogsOnError uses the last 80 lines ...
 LOG_TAIL_BYTES = 2048    # ... or 2 KiB, whichever is smaller
+# Most seconds between a deleted pod's SIGTERM and SIGKILL (below: the pod's own grace period).
+# Short by default so that deletions in the suite stay fast; a test of graceful stop raises it.
+GRACE_CAP_ENV = "FINETUNE_NODE_AGENT_GRACE_CAP"
+DEFAULT_GRACE_CAP = 10.0
 
 
 class NodeAgentError(RuntimeError):
@@ -344,6 +353,9 @@ class PodRun:
     started_at: str = ""
     start_time: float = 0.0
     kill_at: float | None = None          # SIGKILL everything at this monotonic time
+    sigterm_at: float | None = None       # when the main process got its SIGTERM (monotonic)
+    grace: float | None = None            # the seconds it was given before SIGKILL (capped)
+    exited_at: float | None = None        # when the agent saw the main process end (monotonic)
     stop_reason: str | None = None        # "Deleted" | "DeadlineExceeded"
     reported: bool = False
     torn_down: bool = False
@@ -358,7 +370,7 @@ class NodeAgent:
     """Plays the kubelet for ``nodes`` against ``control_plane`` (see the module docstring)."""
 
     def __init__(self, control_plane, nodes: Iterable[NodeSpec | str] = ("node-0",), *,
-                 workdir: str | Path | None = None, grace_cap: float = 10.0, poll_interval: float = 0.3,
+                 workdir: str | Path | None = None, grace_cap: float | None = None, poll_interval: float = 0.3,
                  heartbeat_interval: float = 10.0, venv: str | Path | None = None, keep: bool | None = None,
                  namespaces: Iterable[str] | None = None, image_mode: bool = False):
         self.cp = control_plane
@@ -369,7 +381,7 @@ class NodeAgent:
         self.namespaces: set[str] | None = set(namespaces) if namespaces is not None else None
         self.nodes = [n if isinstance(n, NodeSpec) else NodeSpec(n) for n in nodes]
         self.node_names = {n.name for n in self.nodes}
-        self.grace_cap = grace_cap
+        self.grace_cap = float(os.environ.get(GRACE_CAP_ENV) or DEFAULT_GRACE_CAP) if grace_cap is None else grace_cap
         self.poll_interval = poll_interval
         self.heartbeat_interval = heartbeat_interval
         self.venv = Path(venv) if venv else REPO / ".venv"
@@ -547,6 +559,17 @@ class NodeAgent:
                 out[f"{run.namespace}/{run.name}"] = pids
         return out
 
+    @contextlib.contextmanager
+    def raised_grace_cap(self, seconds: float):
+        """Within the block, pods deleted are given up to ``seconds`` between SIGTERM and SIGKILL
+        (their own ``terminationGracePeriodSeconds`` below that); restored afterwards, so the rest
+        of the suite keeps the short default."""
+        previous, self.grace_cap = self.grace_cap, max(self.grace_cap, float(seconds))
+        try:
+            yield self
+        finally:
+            self.grace_cap = previous
+
     def kill_pod_process(self, namespace: str, pod: str, sig: int = signal.SIGKILL, which: str = "trainer") -> list[int]:
         """Send ``sig`` to a process of a running pod; returns the pids signalled.
 
@@ -671,6 +694,8 @@ class NodeAgent:
                     except ProcessLookupError:
                         pass
                 continue
+            if run.exited_at is None:
+                run.exited_at = now
             if not run.reported:
                 exit_code = code if code >= 0 else 128 - code
                 _kill_netns(run.netns)  # the container ends with its main process
@@ -1181,8 +1206,13 @@ class NodeAgent:
         if reason == "Deleted" and pod["metadata"].get("deletionGracePeriodSeconds") is not None:
             grace = pod["metadata"]["deletionGracePeriodSeconds"]
         run.stop_reason = reason
-        kill_at = time.monotonic() + min(float(grace), self.grace_cap)
+        now = time.monotonic()
+        kill_at = now + min(float(grace), self.grace_cap)
+        if run.kill_at is None or kill_at < run.kill_at:
+            run.grace = min(float(grace), self.grace_cap)
         run.kill_at = kill_at if run.kill_at is None else min(run.kill_at, kill_at)
+        if run.sigterm_at is None:
+            run.sigterm_at = now
         try:
             os.kill(run.proc.pid, signal.SIGTERM)
         except ProcessLookupError:
