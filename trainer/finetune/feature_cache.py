@@ -32,6 +32,7 @@ and a restarted job find the cache of the same key and reuse it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -53,10 +54,10 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import atomic_write_bytes, write_json
 from .data.augment import images_to_float
 from .data.config import label_path_for
-from .data.dataset import YoloDataset, collate_fn
+from .data.dataset import YoloDataset, build_dataloader, collate_fn
 from .distributed import DistInfo, all_gather_object, barrier, broadcast_object
 from .errors import FinetuneError
-from .models.yolo import parse_model, prefix_outputs_needed, run_prefix
+from .models.yolo import parse_model, run_prefix
 
 log = logging.getLogger("finetune")
 
@@ -314,16 +315,12 @@ def open_or_build(model, depth: int, imgsz: int, train_set: YoloDataset, val_set
 def cached_loader(split: CachedSplit, batch_size: int, shuffle: bool, info: DistInfo, seed: int):
     """A loader over a cached split: the same sampler (and resumable order) as the image
     loader, batches cut straight from the arrays in the training process."""
-    from .data.dataset import build_dataloader
-
     return build_dataloader(split, batch_size, 0, shuffle=shuffle, distributed=info.distributed, seed=seed,
                             collate=_already_collated)
 
 
 def _plain_twin(dataset: YoloDataset) -> YoloDataset:
     """The same images and labels without augmentation (view 0), sharing the verification."""
-    import copy
-
     twin = copy.copy(dataset)
     twin.augment = False
     return twin
@@ -439,7 +436,3 @@ def _open_split(directory: Path, manifest: dict[str, Any], split: str, in_ram: b
     views = int(manifest["views"]) if split == "train" else 1
     return CachedSplit(rows, targets, metas, images, views, int(manifest["imgsz"]))
 
-
-def needed_modules(model, depth: int) -> list[int]:
-    """The frozen modules whose outputs the cache holds."""
-    return prefix_outputs_needed(model.model, depth)
