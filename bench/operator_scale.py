@@ -89,9 +89,10 @@ def finetune_body(name: str) -> dict[str, Any]:
 class Process:
     """An operator subprocess with its RSS sampled every 0.5 s."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path, liveness_port: int):
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path, liveness_port: int, metrics_port: int):
         self.log = log
         self.liveness = f"http://127.0.0.1:{liveness_port}/healthz"
+        self.metrics = f"http://127.0.0.1:{metrics_port}/metrics"
         self.proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT)
         self.rss_samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
@@ -120,6 +121,16 @@ class Process:
             except OSError:
                 time.sleep(0.2)
         raise RuntimeError(f"the operator did not become live: {self.log.read_text()[-3000:]}")
+
+    def queue_depth(self) -> float | None:
+        """The FineTune operator's work queue (None: no such metric, e.g. the minimal operator)."""
+        try:
+            with urllib.request.urlopen(self.metrics, timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return None
+        return next((float(line.split()[-1]) for line in text.splitlines()
+                     if line.startswith("finetune_operator_work_queue_depth ")), None)
 
     def stop(self) -> None:
         self._stop.set()
@@ -180,6 +191,16 @@ class Watch:
         with self.lock:
             return [max(self.pods_seen[n].values()) - self.finetune_seen[n] for n in names
                     if n in self.finetune_seen and len(self.pods_seen.get(n, {})) >= WORKERS]
+
+    def queue_depth(self) -> float | None:
+        """The FineTune operator's work queue (None: no such metric, e.g. the minimal operator)."""
+        try:
+            with urllib.request.urlopen(self.metrics, timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return None
+        return next((float(line.split()[-1]) for line in text.splitlines()
+                     if line.startswith("finetune_operator_work_queue_depth ")), None)
 
     def stop(self) -> None:
         self._stop.set()
@@ -290,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             full_env = {**os.environ, **env, "KUBECONFIG": str(kubeconfig),
                         "FINETUNE_OPERATOR_METRICS_PORT": str(metrics)}
             process = Process([*argv, f"--liveness=http://127.0.0.1:{liveness}/healthz"], full_env,
-                              work / f"{name}.log", liveness)
+                              work / f"{name}.log", liveness, metrics)
             processes.append(process)
             process.wait_ready()
             return process
@@ -317,13 +338,24 @@ def main(argv: list[str] | None = None) -> int:
             watch.stop()
             if not complete:
                 say(f"  only {watch.complete(names)} of {more} got their pods within {args.timeout}s")
-        # Let the creation's aftermath (status patches, events) pass, then measure quiet.
-        time.sleep(20)
+        # Let the creation's aftermath (status patches, events) pass: the operator's work queue
+        # empty for 10 s in a row (at most 5 minutes), then measure quiet.
+        drained_from, waited_from = None, time.monotonic()
+        while time.monotonic() - waited_from < 300:
+            depth = operator.queue_depth()
+            drained_from = (drained_from or time.monotonic()) if depth == 0 else None
+            if drained_from and time.monotonic() - drained_from >= 10:
+                break
+            time.sleep(1)
+        results["idle_wait_seconds"] = round(time.monotonic() - waited_from, 1)
         quiet_start = time.time()
         time.sleep(args.idle_seconds)
         quiet_end = time.time()
         time.sleep(2)  # audit events are written when the response completes
         requests = audit_requests(cp, quiet_start, quiet_end)
+        # Requests per 10 s of the window: a steady rate, or the tail of the creation's work?
+        per_10s = [non_watch(audit_requests(cp, t, min(t + 10, quiet_end)))
+                   for t in [quiet_start + 10 * i for i in range(int((quiet_end - quiet_start + 9.999) // 10))]]
         phases: dict[str, int] = {}
         for ns in ("scale-operator", "scale-idle"):
             items = cp.get_json("finetunes", namespace=ns)["items"] if (ns != "scale-idle" or more) else []
@@ -334,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             "finetunes": args.idle, "seconds": round(quiet_end - quiet_start, 1), "phases": phases,
             "api_requests": non_watch(requests), "api_requests_by_verb": requests,
             "requests_per_second": round(non_watch(requests) / (quiet_end - quiet_start), 2),
+            "requests_per_10s": per_10s,
             "peak_rss_mib": round(operator.peak_rss_mib(quiet_start), 1),
             "peak_rss_whole_run_mib": round(operator.peak_rss_mib(), 1),
         }
@@ -374,7 +407,9 @@ def write_results(args: argparse.Namespace, r: dict[str, Any]) -> None:
         "", f"p99 ratio (finetune / minimal): **{r['p99_ratio']}** (target <= {P99_TARGET_RATIO})", "",
         f"Idle: {idle['finetunes']} FineTunes {idle['phases']}, {idle['seconds']} s: **{idle['requests_per_second']} "
         f"requests/s** beyond watches (target <= {IDLE_REQUESTS_PER_SECOND_TARGET}), peak RSS **{idle['peak_rss_mib']} MiB** "
-        f"(target <= {IDLE_RSS_TARGET_MIB}; whole run {idle['peak_rss_whole_run_mib']} MiB).", "",
+        f"(target <= {IDLE_RSS_TARGET_MIB}; whole run {idle['peak_rss_whole_run_mib']} MiB). Measured after the "
+        f"operator's work queue had been empty for 10 s ({r.get('idle_wait_seconds')} s after the last pods); "
+        f"requests per 10 s of the window: {idle.get('requests_per_10s')}.", "",
         "Requests by verb (burst, finetune operator):", "",
         *(f"- `{k}`: {n}" for k, n in op["api_requests_by_verb"].items()), "",
         "Requests by verb (idle window):", "",

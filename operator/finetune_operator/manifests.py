@@ -70,7 +70,7 @@ TRAINER_APP = "finetune-trainer"
 ANNOTATION_APPLIED_SPEC = "finetune.dev/applied-spec"
 
 # Fields a user may change while the run exists; everything else under spec is immutable.
-MUTABLE_FIELDS = ("suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "backoffLimit")
+MUTABLE_FIELDS = ("suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "backoffLimit", "maxDisruptions")
 
 DATA_MOUNT = "/data"
 WEIGHTS_MOUNT = "/weights"
@@ -93,6 +93,9 @@ SPEC_DEFAULTS: dict[str, Any] = {
     "gpusPerWorker": 1,
     "suspend": False,
     "backoffLimit": 3,
+    # Preemptions, evictions, drains and node losses before the run fails: each costs seconds
+    # (the trainer checkpoints on SIGTERM), but a cluster that never lets it finish should say so.
+    "maxDisruptions": 10,
 }
 
 

@@ -28,6 +28,9 @@ class OperatorMetrics:
         self.failed = Counter("finetune_operator_failed", "FineTunes that failed.", registry=registry)
         self.restarts = Counter("finetune_operator_restarts", "Restarts of all workers after a retryable failure.",
                                 registry=registry)
+        self.disruptions = Counter("finetune_operator_disruptions",
+                                   "Restarts of all workers after the cluster took one away (preemption, eviction, "
+                                   "drain, node loss).", registry=registry)
         self.reconcile_duration = Histogram(
             "finetune_operator_reconcile_duration_seconds", "Time spent in one reconcile, by what asked for it (seconds).",
             ["handler"], registry=registry,
@@ -95,7 +98,8 @@ class OperatorMetrics:
 
     def count_transition(self, kind: str) -> None:
         counter = {"created": self.created, "succeeded": self.succeeded,
-                   "failed": self.failed, "restarts": self.restarts}.get(kind)
+                   "failed": self.failed, "restarts": self.restarts,
+                   "disruptions": self.disruptions}.get(kind)
         if counter is not None:
             counter.inc()
 

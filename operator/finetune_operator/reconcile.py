@@ -6,9 +6,13 @@ update, timer, pod event), how often, or whether the operator restarted in betwe
 
 Idempotence rules:
 - Pods have fixed names (``<name>-worker-<i>``) and are created with POST; 409 means done.
-- Pods carry ``finetune.dev/attempt`` = status.restarts at creation. A restart first records
-  restarts+1 in status, then deletes the pods; pods of an older attempt are deleted on sight,
-  so a crash between the two steps neither loses nor double-counts the restart.
+- Pods carry ``finetune.dev/attempt`` = status.attempt at creation; every new set of workers
+  (a restart, a disruption, a resume) is a new attempt. A restart first records restarts+1
+  and attempt+1 in status, then deletes the pods; pods of an older attempt are deleted on
+  sight, so a crash between the two steps neither loses nor double-counts the restart.
+- So a worker of the current attempt that is deleted while the run is active was deleted by
+  someone else (preemption, eviction, a drain, its node's removal): a disruption, counted in
+  status.disruptions (spec.maxDisruptions), not against spec.backoffLimit.
 - The immutable part of the spec is recorded in status.appliedSpec when the run starts; pods
   are always built from it, so a rejected spec change is never half-applied. In the status
   (not an annotation, as before 0.2) because a FineTune's author may edit its metadata but
@@ -127,6 +131,9 @@ class _Run:
     outcomes: dict[int, st.PodOutcome]
     stale: list[Mapping[str, Any]]  # live pods of another attempt or index
     terminating: list[Mapping[str, Any]]
+    # Pods of this attempt being deleted, not by the operator (it deletes pods only with a new
+    # attempt or the end of the run): disruptions.
+    deleted: list[st.PodOutcome] = dataclasses.field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -237,6 +244,8 @@ def _start_or_check_spec(p: Plan, finetune: Mapping[str, Any], now: dt.datetime,
         "appliedSpecHash": m.spec_hash(spec),
         "appliedGeneration": meta.get("generation"),
         "restarts": 0,
+        "disruptions": 0,
+        "attempt": 0,
         "epoch": 0,
         "epochs": int(applied["training"]["epochs"]),
         "progress": st.progress(0, int(applied["training"]["epochs"])),
@@ -256,18 +265,34 @@ def _sort_pods(finetune: Mapping[str, Any], owned: list[Mapping[str, Any]], appl
     spec = finetune.get("spec") or {}
     effective = m.with_defaults({**applied, **{k: spec[k] for k in m.MUTABLE_FIELDS if k in spec}})
     workers = int(effective["workers"])
-    attempt = int(p.status.get("restarts") or 0)
+    attempt = current_attempt(p.status)
     live = [pod for pod in owned if not pod["metadata"].get("deletionTimestamp")]
     terminating = [pod for pod in owned if pod["metadata"].get("deletionTimestamp")]
-    stale = [pod for pod in live
-             if _label(pod, m.LABEL_ATTEMPT) != str(attempt)
-             or not str(_label(pod, m.LABEL_WORKER_INDEX) or "").isdigit()
-             or int(_label(pod, m.LABEL_WORKER_INDEX) or 0) >= workers]
+
+    def of_this_attempt(pod: Mapping[str, Any]) -> bool:
+        index = str(_label(pod, m.LABEL_WORKER_INDEX) or "")
+        return _label(pod, m.LABEL_ATTEMPT) == str(attempt) and index.isdigit() and int(index) < workers
+
+    stale = [pod for pod in live if not of_this_attempt(pod)]
     current = {int(_label(pod, m.LABEL_WORKER_INDEX) or 0): pod for pod in live if pod not in stale}
     p.delete_pods += [_pod_ref(pod) for pod in stale]
-    outcomes = {i: st.classify_pod(pod) for i, pod in sorted(current.items())}
+    policy = effective.get("failurePolicy")
+    outcomes = {i: st.classify_pod(pod, policy) for i, pod in sorted(current.items())}
     p.status["workers"] = _worker_counts(outcomes)
-    return _Run(finetune, now, phase, effective, attempt, current, outcomes, stale, terminating)
+    deleted = [st.deleted_by_others(pod) for pod in terminating if of_this_attempt(pod)]
+    return _Run(finetune, now, phase, effective, attempt, current, outcomes, stale, terminating, deleted)
+
+
+def current_attempt(status: Mapping[str, Any]) -> int:
+    """status.attempt; before 0.2 the attempt was status.restarts."""
+    return int(status["attempt"] if status.get("attempt") is not None else status.get("restarts") or 0)
+
+
+def _new_attempt(p: Plan, run: _Run) -> None:
+    """Every worker starts again (from last.pt): the next attempt's pods replace these."""
+    p.status["attempt"] = run.attempt + 1
+    p.status["workers"] = {"active": 0, "succeeded": 0, "failed": 0}
+    p.delete_pods += [_pod_ref(pod) for pod in run.current.values()]
 
 
 def _suspended(p: Plan, run: _Run) -> bool:
@@ -287,6 +312,13 @@ def _suspended(p: Plan, run: _Run) -> bool:
         p.status = st.enter_phase(p.status, st.PENDING, "Resumed", message, run.now)
         p.events.append(Event("Normal", "Resumed", message))
         run.phase = st.PENDING
+        # A new attempt: the suspended pods (perhaps still terminating) are the old one's, and
+        # the new pods wait for them to go.
+        _new_attempt(p, run)
+        run.stale += list(run.current.values())
+        run.deleted = []
+        run.attempt += 1
+        run.current, run.outcomes = {}, {}
     if not p.status.get("startTime"):
         p.status["startTime"] = st.timestamp(run.now)
     return False
@@ -303,43 +335,78 @@ def _deadline_exceeded(p: Plan, run: _Run) -> bool:
     return True
 
 
+# How failures of one attempt rank when they happened in the same second (finishedAt and
+# deletionTimestamp have 1 s resolution): the cluster's doing first, then retryable causes, so
+# a worker that exits 1 because its peer was preempted or OOM-killed does not end the run.
+_CAUSE_RANK = {"disruption": 0, "retryable": 1, "permanent": 2}
+_UNKNOWN_TIME = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+
+
+def _first_failure(failures: list[st.PodOutcome]) -> st.PodOutcome:
+    """The failure that came first decides how the attempt counts. One without a time (a pod
+    gone without a trace) went first: its peers fail because it went."""
+    return min(failures, key=lambda o: (o.at or _UNKNOWN_TIME, _CAUSE_RANK[o.cause]))
+
+
 def _failed(p: Plan, run: _Run) -> bool:
-    """A failed worker: permanent fails the run, retryable restarts every worker (backoffLimit)."""
-    permanent = [o for o in run.outcomes.values() if o.state == "failed" and not o.retryable]
-    retryable = [o for o in run.outcomes.values() if o.state == "failed" and o.retryable]
-    missing = run.missing
-    # A worker vanished (deleted, node gone) only if the whole set ran in this attempt (the phase
-    # became Running). A partly created set (a quota or webhook refused a pod, or the operator
-    # stopped between two POSTs) is completed instead, without counting a restart.
-    if (missing and run.phase == st.RUNNING and not run.stale and not run.terminating
-            and not permanent and not retryable):
-        retryable.append(st.PodOutcome(m.worker_pod_name(run.name, missing[0]), "failed", True,
-                                       reason="Deleted", detail="the pod disappeared"))
-    if permanent:
-        failure = permanent[0]
-        message = (f"{failure.describe()}; a permanent failure is not retried. Pods are kept for "
-                   f"their logs: kubectl logs {failure.name}")
-        _finish(p, st.FAILED, "WorkerFailed", message, run.now)
-        _stop_or_delete_active(p, run.outcomes, run.current)
-        return True
-    if not retryable:
+    """The attempt failed: by its first failure, a permanent one fails the run, a retryable one
+    restarts every worker (spec.backoffLimit) and a disruption does too (spec.maxDisruptions)."""
+    failures = [o for o in run.outcomes.values() if o.state == "failed"] + run.deleted
+    # A worker vanished only if the whole set ran in this attempt (the phase became Running). A
+    # partly created set (a quota or webhook refused a pod, or the operator stopped between two
+    # POSTs) is completed instead, without counting anything.
+    if run.missing and run.phase == st.RUNNING:
+        failures.append(st.PodOutcome(m.worker_pod_name(run.name, run.missing[0]), "failed", True, reason="Deleted",
+                                      detail="the pod disappeared (deleted, or its node removed)", disruption=True))
+    if not failures:
         return False
-    failure = retryable[0]
-    limit = int(run.effective["backoffLimit"])
-    if run.attempt >= limit:
-        message = (f"{failure.describe()}; backoffLimit {limit} reached after {run.attempt} restart(s). "
-                   f"Pods are kept for their logs: kubectl logs {failure.name}")
-        _finish(p, st.FAILED, "BackoffLimitExceeded", message, run.now)
+    failure = _first_failure(failures)
+    logs = f"Pods are kept for their logs: kubectl logs {failure.name}"
+    if failure.cause == "permanent":
+        _finish(p, st.FAILED, "WorkerFailed", f"{failure.describe()}; a permanent failure is not retried. {logs}", run.now)
         _stop_or_delete_active(p, run.outcomes, run.current)
         return True
-    p.status["restarts"] = run.attempt + 1
+    if failure.cause == "disruption":
+        return _disrupted(p, run, failure)
+    restarts = int(p.status.get("restarts") or 0)
+    limit = int(run.effective["backoffLimit"])
+    if restarts >= limit:
+        _finish(p, st.FAILED, "BackoffLimitExceeded",
+                f"{failure.describe()}; backoffLimit {limit} reached after {restarts} restart(s). {logs}", run.now)
+        _stop_or_delete_active(p, run.outcomes, run.current)
+        return True
+    p.status["restarts"] = restarts + 1
     message = (f"{failure.describe()}; restarting all {run.workers} workers from last.pt "
-               f"(restart {run.attempt + 1} of backoffLimit {limit})")
+               f"(restart {restarts + 1} of backoffLimit {limit})")
     p.status = st.enter_phase(p.status, st.RESTARTING, "RetryableFailure", message, run.now)
-    p.status["workers"] = {"active": 0, "succeeded": 0, "failed": 0}
-    p.delete_pods += [_pod_ref(pod) for pod in run.current.values()]
+    _new_attempt(p, run)
     p.events.append(Event("Warning", "Restarting", message))
     p.counters.append("restarts")
+    return True
+
+
+def _disrupted(p: Plan, run: _Run, failure: st.PodOutcome) -> bool:
+    """The cluster took a worker away: a new attempt from last.pt, not counted against
+    backoffLimit (the trainer saved its place on SIGTERM, so this costs seconds, not epochs)."""
+    disruptions = int(p.status.get("disruptions") or 0)
+    limit = int(run.effective["maxDisruptions"])
+    what = f"worker pod {failure.name} was disrupted ({failure.reason or 'Deleted'}: {failure.detail})" \
+        if failure.exit_code is None else f"{failure.describe()} (a disruption)"
+    if disruptions >= limit:
+        _finish(p, st.FAILED, "DisruptionLimitExceeded",
+                f"{what}; maxDisruptions {limit} reached after {disruptions} disruption(s). "
+                "Raise spec.maxDisruptions if the cluster preempts this often", run.now)
+        _stop_or_delete_active(p, run.outcomes, run.current)
+        return True
+    p.status["disruptions"] = disruptions + 1
+    output = run.effective.get("output") or {}
+    where = "from last.pt" if output.get("volume") else "from the start (no spec.output volume keeps last.pt)"
+    message = (f"{what}; restarting all {run.workers} workers {where} "
+               f"(disruption {disruptions + 1} of maxDisruptions {limit}; not counted against backoffLimit)")
+    p.status = st.enter_phase(p.status, st.RESTARTING, "Disrupted", message, run.now)
+    _new_attempt(p, run)
+    p.events.append(Event("Warning", "Disrupted", message))
+    p.counters.append("disruptions")
     return True
 
 
@@ -401,7 +468,7 @@ def _check_spec_change(p: Plan, spec: Mapping[str, Any], applied: Mapping[str, A
         changed = sorted(k for k in set(applied) | set(current) if applied.get(k) != current.get(k))
         fields = ", ".join(f"spec.{k}" for k in changed)
         message = (f"{fields} cannot change while the FineTune exists (only suspend, backoffLimit, "
-                   f"activeDeadlineSeconds and ttlSecondsAfterFinished can); the workers keep using "
+                   f"maxDisruptions, activeDeadlineSeconds and ttlSecondsAfterFinished can); the workers keep using "
                    f"generation {p.status.get('appliedGeneration')}. Revert the change or create a new FineTune")
         previous = st.get_condition(conditions, st.SPEC_CHANGE_REJECTED)
         if not previous or previous.get("status") != "True" or previous.get("message") != message:

@@ -351,13 +351,14 @@ def pod_entry(body: Mapping[str, Any]) -> dict[str, Any]:
         "metadata": {
             "name": meta["name"], "uid": meta.get("uid"), "labels": dict(meta.get("labels") or {}),
             "deletionTimestamp": meta.get("deletionTimestamp"),
+            "deletionGracePeriodSeconds": meta.get("deletionGracePeriodSeconds"),
             "ownerReferences": [{"uid": ref.get("uid")} for ref in meta.get("ownerReferences") or []],
         },
         "spec": {"activeDeadlineSeconds": (body.get("spec") or {}).get("activeDeadlineSeconds")},
         "status": {
             "phase": status.get("phase"), "reason": status.get("reason"), "message": status.get("message"),
             "podIP": status.get("podIP"),
-            "conditions": [c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"],
+            "conditions": [c for c in status.get("conditions") or [] if c.get("type") in ("PodScheduled", st.DISRUPTION_TARGET)],
             "containerStatuses": [{"name": c.get("name"), "state": c.get("state"), "lastState": c.get("lastState")}
                                   for c in status.get("containerStatuses") or []],
         },

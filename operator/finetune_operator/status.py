@@ -52,9 +52,14 @@ def timestamp(now: dt.datetime) -> str:
 
 
 def parse_timestamp(value: str | None) -> dt.datetime | None:
+    """An RFC 3339 time from the API (None if absent or not one)."""
     if not value:
         return None
-    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    try:
+        parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
 
 def get_condition(conditions: Iterable[Mapping[str, Any]] | None, type_: str) -> Mapping[str, Any] | None:
@@ -233,9 +238,9 @@ def classify_pod(pod: Mapping[str, Any], failure_policy: Mapping[str, Any] | Non
         if terminated is not None and terminated.get("exitCode") is not None:
             code = int(terminated["exitCode"])
             detail = _last_line(terminated.get("message")) or _last_line(status.get("message"))
-            reason = terminated.get("reason") or pod_reason
-            if reason in ("Error", "Completed"):
-                reason = ""  # says nothing the exit code does not
+            reason = terminated.get("reason") or ""
+            if reason in ("Error", "Completed", ""):
+                reason = pod_reason  # the container's says nothing the exit code does not
             kind = classify_exit_code(code, failure_policy)
             retryable = kind != "permanent" or pod_reason in RETRYABLE_POD_REASONS or disruption
             return PodOutcome(name, "failed", retryable, code, reason, detail,

@@ -303,10 +303,27 @@ def test_enter_phase_sets_one_activity_condition():
 
 
 @pytest.mark.parametrize("code, kind", [(0, "succeeded"), (1, "permanent"), (2, "permanent"), (126, "permanent"),
-                                        (127, "permanent"), (139, "permanent"), (130, "retryable"),
-                                        (137, "retryable"), (143, "retryable")])
-def test_exit_code_classification(code, kind):
+                                        (127, "permanent"), (128, "retryable"), (130, "retryable"),
+                                        (134, "retryable"), (137, "retryable"), (139, "retryable"),
+                                        (143, "retryable"), (255, "retryable")])
+def test_exit_code_classification_defaults_to_kubeflows_exit_code_policy(code, kind):
     assert st.classify_exit_code(code) == kind
+
+
+def test_failure_policy_rules_match_in_order_and_fall_back_to_the_default():
+    policy = {"rules": [
+        {"action": "Ignore", "onExitCodes": {"operator": "In", "values": [143]}},
+        {"action": "FailFineTune", "onExitCodes": {"operator": "In", "values": [139, 143]}},
+        {"action": "Restart", "onExitCodes": {"operator": "In", "values": [3]}},
+    ]}
+    assert st.classify_exit_code(143, policy) == "disruption"  # the first match wins
+    assert st.classify_exit_code(139, policy) == "permanent"
+    assert st.classify_exit_code(3, policy) == "retryable"
+    assert st.classify_exit_code(137, policy) == "retryable" and st.classify_exit_code(1, policy) == "permanent"
+    only_137 = {"rules": [{"action": "FailFineTune", "onExitCodes": {"operator": "NotIn", "values": [137]}}]}
+    assert st.classify_exit_code(137, only_137) == "retryable" and st.classify_exit_code(134, only_137) == "permanent"
+    assert st.classify_pod(_pod(code=3), policy).retryable
+    assert st.classify_pod(_pod(code=143), policy).cause == "disruption"
 
 
 def _pod(name="ft-worker-0", phase="Failed", code=None, reason=None, message=None, pod_reason=None):
@@ -325,9 +342,17 @@ def test_pod_classification_and_messages():
     assert permanent.describe() == "worker pod ft-worker-0 failed with exit code 2: error: data.yaml not found"
     killed = st.classify_pod(_pod(code=137, reason="OOMKilled"))
     assert killed.retryable and killed.describe() == "worker pod ft-worker-0 failed with exit code 137 (SIGKILL), reason OOMKilled"
-    assert st.classify_pod(_pod(pod_reason="Evicted")).retryable
-    assert st.classify_pod(_pod(code=1, pod_reason="Evicted")).retryable
+    assert st.classify_pod(_pod(pod_reason="Evicted")).cause == "disruption"
+    assert st.classify_pod(_pod(code=1, pod_reason="Evicted")).cause == "disruption"
+    assert st.classify_pod(_pod(code=137, pod_reason="DeadlineExceeded")).cause == "retryable"
+    assert st.classify_pod(_pod(pod_reason="")).cause == "retryable"  # never ran: infrastructure
     assert not st.classify_pod(_pod(pod_reason="SomethingPermanent")).retryable
+    # Kubernetes >= 1.26 says why it failed the pod.
+    targeted = _pod(code=143)
+    targeted["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True",
+                                         "reason": "PreemptionByScheduler", "message": "preempted by ml/urgent"}]
+    outcome = st.classify_pod(targeted)
+    assert outcome.cause == "disruption" and outcome.reason == "PreemptionByScheduler"
     assert st.classify_pod(_pod(phase="Running")).state == "running"
     assert st.classify_pod(_pod(phase="Succeeded")).state == "succeeded"
     pending = {"metadata": {"name": "p"}, "status": {"phase": "Pending", "containerStatuses": [
@@ -493,7 +518,7 @@ def test_retryable_failure_restarts_then_backoff_limit_fails():
     # Once they are gone, attempt-1 pods are created.
     recreate = reconcile.plan(body, [], True, NOW, lambda: [])
     assert [p["metadata"]["labels"]["finetune.dev/attempt"] for p in recreate.create_pods] == ["1", "1"]
-    body["status"]["restarts"] = 2
+    body["status"]["restarts"] = body["status"]["attempt"] = 2
     pods = with_status(reconcile.plan(body, [], True, NOW, lambda: []).create_pods, ("Failed", 143), "Running")
     assert [p["metadata"]["labels"]["finetune.dev/attempt"] for p in pods] == ["2", "2"]
     exhausted = reconcile.plan(body, pods, True, NOW, lambda: [])
@@ -561,8 +586,119 @@ def test_vanished_worker_of_a_started_run_restarts_everything():
     assert body["status"]["phase"] == "Running"
     pods = with_status(first.create_pods[:1], "Running")
     p = reconcile.plan(body, pods, True, NOW, lambda: [])
-    assert p.status["phase"] == "Restarting" and "cpu-smoke-worker-1 failed, reason Deleted" in p.status["message"]
-    assert p.status["restarts"] == 1
+    assert p.status["phase"] == "Restarting" and "cpu-smoke-worker-1 was disrupted (Deleted" in p.status["message"]
+    assert p.status["restarts"] == 0 and p.status["disruptions"] == 1 and p.status["attempt"] == 1
+    assert p.counters == ["disruptions"] and [e.reason for e in p.events] == ["Disrupted"]
+
+
+def running(body: dict, first) -> list[dict]:
+    """The first attempt's pods, both Running, and the body as that made it (phase Running)."""
+    pods = with_status(first.create_pods, "Running", "Running")
+    body["status"] = reconcile.plan(body, pods, True, NOW, lambda: []).status
+    assert body["status"]["phase"] == "Running"
+    return pods
+
+
+def terminated(pod: dict, code: int, finished: dt.datetime, pod_reason: str | None = None) -> dict:
+    pod = copy.deepcopy(pod)
+    pod["status"] = {"phase": "Failed", **({"reason": pod_reason} if pod_reason else {}),
+                     "containerStatuses": [{"name": "trainer", "state": {"terminated": {
+                         "exitCode": code, "reason": "Error", "finishedAt": st.timestamp(finished)}}}]}
+    return pod
+
+
+def deleting(pod: dict, deleted: dt.datetime, grace: int = 60) -> dict:
+    pod = copy.deepcopy(pod)
+    pod["metadata"]["deletionTimestamp"] = st.timestamp(deleted + dt.timedelta(seconds=grace))
+    pod["metadata"]["deletionGracePeriodSeconds"] = grace
+    return pod
+
+
+def test_a_worker_deleted_by_someone_else_is_a_disruption_not_a_restart():
+    body, first = started(cpu_body())
+    pods = running(body, first)
+    preempted = [deleting(pods[0], NOW), pods[1]]  # the scheduler deleted it (1.20 marks nothing)
+    p = reconcile.plan(body, preempted, True, NOW, lambda: [])
+    assert p.status["phase"] == "Restarting" and p.status["disruptions"] == 1 and p.status["restarts"] == 0
+    assert p.status["attempt"] == 1 and sorted(n for n, _ in p.delete_pods) == ["cpu-smoke-worker-1"]
+    condition = st.get_condition(p.status["conditions"], "Restarting")
+    assert condition["reason"] == "Disrupted" and "not counted against backoffLimit" in condition["message"]
+    body["status"] = p.status
+    # The new attempt waits for the old pods, then starts with the next attempt's label.
+    waiting = reconcile.plan(body, [deleting(pods[0], NOW)], True, NOW, lambda: [])
+    assert not waiting.create_pods and waiting.status["disruptions"] == 1
+    fresh = reconcile.plan(body, [], True, NOW, lambda: [])
+    assert [pod["metadata"]["labels"]["finetune.dev/attempt"] for pod in fresh.create_pods] == ["1", "1"]
+    # maxDisruptions bounds them.
+    body["spec"]["maxDisruptions"] = 1
+    pods = with_status(fresh.create_pods, "Running", "Running")
+    body["status"] = {**body["status"], **reconcile.plan(body, pods, True, NOW, lambda: []).status}
+    ended = reconcile.plan(body, [pods[0], deleting(pods[1], NOW)], True, NOW, lambda: [])
+    assert ended.status["phase"] == "Failed" and ended.status["disruptions"] == 1
+    assert st.get_condition(ended.status["conditions"], "Failed")["reason"] == "DisruptionLimitExceeded"
+
+
+def test_the_first_failure_classifies_the_attempt():
+    later = NOW + dt.timedelta(seconds=3)
+    for first_pod, second_pod, cause in [
+        ((137, NOW), (1, later), "restart"),          # the peer exits 1 because worker 0 was OOM-killed
+        ((1, NOW), (137, NOW), "restart"),            # same second: the retryable cause wins
+        ((1, NOW), (137, later), "fail"),             # the program's own verdict came first
+        ((134, NOW), (1, later), "restart"),          # SIGABRT from the NCCL watchdog
+    ]:
+        body, first = started(cpu_body())
+        pods = running(body, first)
+        failed = [terminated(pods[0], *first_pod), terminated(pods[1], *second_pod)]
+        p = reconcile.plan(body, failed, True, NOW, lambda: [])
+        expected = "Restarting" if cause == "restart" else "Failed"
+        assert p.status["phase"] == expected, (first_pod, second_pod, p.status["message"])
+    # A deletion by someone else, then the peer's exit 1 (it lost its rendezvous): a disruption.
+    body, first = started(cpu_body())
+    pods = running(body, first)
+    p = reconcile.plan(body, [deleting(pods[0], NOW), terminated(pods[1], 1, later)], True, NOW, lambda: [])
+    assert p.status["phase"] == "Restarting" and p.status["disruptions"] == 1 and p.status["restarts"] == 0
+    # ... and once the deleted pod is gone without a trace, still a disruption.
+    p = reconcile.plan(body, [terminated(pods[1], 1, later)], True, NOW, lambda: [])
+    assert p.status["disruptions"] == 1 and p.status["restarts"] == 0
+    # The kubelet evicting a pod (node pressure) is a disruption too.
+    p = reconcile.plan(body, [terminated(pods[0], 137, NOW, pod_reason="Evicted"), pods[1]], True, NOW, lambda: [])
+    assert p.status["disruptions"] == 1 and p.status["restarts"] == 0
+
+
+def test_failure_policy_from_the_spec_decides_exit_codes():
+    body = cpu_body()
+    body["spec"]["failurePolicy"] = {"rules": [
+        {"action": "FailFineTune", "onExitCodes": {"operator": "In", "values": [137]}},
+        {"action": "Restart", "onExitCodes": {"operator": "In", "values": [3]}}]}
+    body, first = started(body)
+    pods = running(body, first)
+    assert reconcile.plan(body, [terminated(pods[0], 137, NOW), pods[1]], True, NOW, lambda: []).status["phase"] == "Failed"
+    restarted = reconcile.plan(body, [terminated(pods[0], 3, NOW), pods[1]], True, NOW, lambda: [])
+    assert restarted.status["phase"] == "Restarting" and restarted.status["restarts"] == 1
+
+
+def test_resume_is_a_new_attempt_so_the_suspended_pods_are_not_disruptions():
+    body, first = started(cpu_body())
+    pods = running(body, first)
+    body["spec"]["suspend"] = True
+    body["status"] = reconcile.plan(body, pods, True, NOW, lambda: []).status
+    body["spec"]["suspend"] = False
+    still_going = [deleting(pod, NOW) for pod in pods]  # the suspension's deletions, in their grace period
+    resumed = reconcile.plan(body, still_going, True, NOW, lambda: [])
+    assert resumed.status["phase"] == "Pending" and resumed.status["disruptions"] == 0
+    assert resumed.status["attempt"] == 1 and not resumed.create_pods
+    body["status"] = resumed.status
+    assert reconcile.plan(body, still_going, True, NOW, lambda: []).status["disruptions"] == 0
+
+
+def test_a_run_started_before_attempts_were_counted_keeps_its_pods():
+    body, first = started(cpu_body())
+    pods = running(body, first)
+    legacy = {k: v for k, v in body["status"].items() if k not in ("attempt", "disruptions")}
+    legacy["restarts"] = 0
+    body["status"] = legacy
+    p = reconcile.plan(body, pods, True, NOW, lambda: [])
+    assert not p.delete_pods and not p.create_pods and p.status["phase"] == "Running"
 
 
 def test_partly_created_worker_set_is_completed_not_restarted():

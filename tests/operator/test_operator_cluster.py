@@ -252,12 +252,17 @@ def test_backoff_limit_exhaustion_fails(cluster, operator):
     cluster.cp.set_pod_status(cluster.ns, "backoff-worker-0", "Failed", exit_code=143)
     cluster.wait_phase("backoff", "Restarting")
     cluster.wait_pods("backoff", 1, attempt=1)
+    # The kubelet evicting the pod is the node's doing: a disruption, not counted as a restart.
     cluster.cp.set_pod_status(cluster.ns, "backoff-worker-0", "Failed", reason="Evicted",
                               message="The node was low on resource: memory.")
+    status = wait_for(lambda: (s := cluster.status("backoff")).get("disruptions") == 1 and s, "the eviction counted")
+    assert status["restarts"] == 1 and "Evicted" in status["message"], status
+    cluster.wait_pods("backoff", 1, attempt=2)
+    cluster.cp.set_pod_status(cluster.ns, "backoff-worker-0", "Failed", exit_code=137, reason="OOMKilled")
     status = cluster.wait_phase("backoff", "Failed")
     assert cluster.condition("backoff", "Failed")["reason"] == "BackoffLimitExceeded"
-    assert "backoffLimit 1 reached after 1 restart(s)" in status["message"] and "Evicted" in status["message"]
-    assert status["restarts"] == 1 and len(cluster.live_pods("backoff")) == 1
+    assert "backoffLimit 1 reached after 1 restart(s)" in status["message"] and "OOMKilled" in status["message"]
+    assert status["restarts"] == 1 and status["disruptions"] == 1 and len(cluster.live_pods("backoff")) == 1
     assert pods  # the first attempt's pod was replaced, the last one is kept
 
 
@@ -271,10 +276,11 @@ def test_suspend_and_resume(cluster, operator):
     wait_for(lambda: not cluster.pods("pause"), "pods deleted while suspended")
     assert cluster.condition("pause", "Suspended")["status"] == "True" and "startTime" not in status
     cluster.cp.kubectl("-n", cluster.ns, "patch", "ft", "pause", "--type=merge", "-p", '{"spec":{"suspend":false}}')
-    pods = cluster.wait_pods("pause", 2)
+    pods = cluster.wait_pods("pause", 2, attempt=1)  # a resume is a new attempt, not a restart
     cluster.set_all(pods, "Running")
     status = cluster.wait_phase("pause", "Running")
-    assert status["restarts"] == 0 and cluster.condition("pause", "Suspended")["status"] == "False"
+    assert status["restarts"] == 0 and status["disruptions"] == 0 and status["attempt"] == 1
+    assert cluster.condition("pause", "Suspended")["status"] == "False"
 
 
 def test_deleting_the_finetune_removes_pods_and_service(cluster, operator):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import random
 import socket
 import threading
 import time
@@ -99,13 +100,16 @@ def test_a_hanging_rank_0_delays_no_reconcile(operator_kubeconfig, cluster, name
     # One scrape thread and a scrape that could wait a minute: everything else must go on anyway.
     op = Operator(operator_kubeconfig, namespace, tmp_path / "operator.log",
                   env={"FINETUNE_OPERATOR_SCRAPE_TIMEOUT": "60", "FINETUNE_OPERATOR_SCRAPE_WORKERS": "1"})
-    endpoint = HangingEndpoint("127.0.0.2")
+    # A loopback address of its own (127/8 is all loopback): the fixed metrics port may be
+    # taken on 127.0.0.1 or 127.0.0.2 by another test run on this machine.
+    address = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
+    endpoint = HangingEndpoint(address)
     op.start()
     try:
         cluster.apply(cpu_finetune("hang", workers=1))
         (pod,) = cluster.wait_pods("hang", 1)
         cluster.set_all([pod], "Running")
-        point_pod_at(cluster, "hang-worker-0", "127.0.0.2")
+        point_pod_at(cluster, "hang-worker-0", address)
         cluster.wait_phase("hang", "Running")
         wait_for(endpoint.still_hanging, "the operator's scrape to hang on rank 0")
         # Another FineTune goes through its whole life, and the hanging one's own pod events are

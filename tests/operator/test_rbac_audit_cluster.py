@@ -115,7 +115,7 @@ def run_scenario(cp) -> None:
     for suspend, phase in ((True, "Suspended"), (False, "Pending")):
         cp.kubectl("-n", cluster.ns, "patch", "ft", "life", "--type=merge", "-p", json.dumps({"spec": {"suspend": suspend}}))
         cluster.wait_phase("life", phase)
-    cluster.set_all(cluster.wait_pods("life", 2, attempt=1), "Succeeded")
+    cluster.set_all(cluster.wait_pods("life", 2, attempt=2), "Succeeded")  # (the resume: attempt 2)
     wait_for(lambda: cluster.finetune("life") is None, "the TTL to delete the FineTune")
     # A permanent failure: the worker still running is stopped (its pod kept for the logs).
     cluster.apply(cpu_finetune("broken"))
