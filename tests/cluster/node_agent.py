@@ -657,6 +657,8 @@ class NodeAgent:
                         self._terminate(run, pod, "Deleted")
                 else:
                     if run:
+                        if run.proc and run.exited_at is None:
+                            run.exited_at = now
                         self._teardown(run)
                     self._force_delete(md["namespace"], md["name"], uid)
                 continue
