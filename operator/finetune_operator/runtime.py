@@ -48,6 +48,18 @@ class _Item:
     why: str
     cache: "Cache"
     context: contextvars.Context
+    urgent: bool = False
+
+
+def _merged(queued: "_Item | None", item: "_Item") -> "_Item":
+    """One pending entry for two asks: the earlier due time and the higher urgency (``queued``
+    itself when it already has both)."""
+    if queued is None:
+        return item
+    if queued.due <= item.due and (queued.urgent or not item.urgent):
+        return queued
+    first = queued if queued.due <= item.due else item
+    return dataclasses.replace(first, urgent=queued.urgent or item.urgent)
 
 
 class WorkQueue:
@@ -55,9 +67,12 @@ class WorkQueue:
     client-go's workqueue: a FineTune is queued at most once however many events ask for it (a
     burst of pod events is one reconcile), never reconciled by two threads at once (asked for
     while it runs, it is queued again for after), and may be asked for after a delay (pod events
-    wait a moment for their siblings; API trouble waits the retry delay). kopf's handlers only
-    enqueue, so none of kopf's threads ever waits on the API. Each reconcile runs in the context
-    of the handler that queued it (contextvars: kopf's event poster lives there)."""
+    wait a moment for their siblings; API trouble waits the retry delay). Urgent work (a new or
+    changed FineTune: someone waits for its pods) goes before the rest that is due (status
+    refreshes after pod events, clocks), so a burst of new FineTunes gets its pods first and
+    their status follows. kopf's handlers only enqueue, so none of kopf's threads ever waits on
+    the API. Each reconcile runs in the context of the handler that queued it (contextvars:
+    kopf's event poster lives there)."""
 
     def __init__(self, process: "Callable[[Key, str, Cache], None]", workers: int,
                  depth: "Callable[[int], None] | None" = None):
@@ -65,7 +80,8 @@ class WorkQueue:
         self._depth = depth or (lambda _: None)
         self._cond = threading.Condition()
         self._pending: dict[Key, _Item] = {}
-        self._heap: list[tuple[float, int, Key]] = []  # (due, order, key); stale entries are skipped
+        # (due, order, key, item) by urgency; entries whose item is no longer pending are skipped.
+        self._heaps: dict[bool, list[tuple[float, int, Key, _Item]]] = {True: [], False: []}
         self._active: set[Key] = set()
         self._again: dict[Key, _Item] = {}  # asked for while active
         self._order = 0
@@ -75,38 +91,42 @@ class WorkQueue:
         for thread in self._threads:
             thread.start()
 
-    def add(self, key: Key, why: str, cache: "Cache", delay: float = 0.0) -> None:
-        item = _Item(time.monotonic() + delay, why, cache, contextvars.copy_context())
+    def add(self, key: Key, why: str, cache: "Cache", delay: float = 0.0, urgent: bool = False) -> None:
+        item = _Item(time.monotonic() + delay, why, cache, contextvars.copy_context(), urgent)
         with self._cond:
             if key in self._active:
-                earlier = self._again.get(key)
-                if earlier is None or item.due < earlier.due:
-                    self._again[key] = item
+                self._again[key] = _merged(self._again.get(key), item)
                 return
             self._push(key, item)
 
     def _push(self, key: Key, item: "_Item") -> None:
         queued = self._pending.get(key)
-        if queued is not None and queued.due <= item.due:
-            return  # already due as soon or sooner
-        self._pending[key] = item
+        merged = _merged(queued, item)
+        if merged is queued:
+            return  # already due as soon or sooner, as urgently
+        self._pending[key] = merged
         self._order += 1
-        heapq.heappush(self._heap, (item.due, self._order, key))
+        heapq.heappush(self._heaps[merged.urgent], (merged.due, self._order, key, merged))
         self._depth(len(self._pending))
         self._cond.notify()
 
     def _next(self) -> tuple[Key, "_Item"] | None:
         with self._cond:
             while not self._stopping:
-                while self._heap and getattr(self._pending.get(self._heap[0][2]), "due", None) != self._heap[0][0]:
-                    heapq.heappop(self._heap)  # superseded by an earlier due time
-                if self._heap and self._heap[0][0] <= time.monotonic():
-                    key = heapq.heappop(self._heap)[2]
-                    item = self._pending.pop(key)
-                    self._active.add(key)
-                    self._depth(len(self._pending))
-                    return key, item
-                self._cond.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                for heap in self._heaps.values():
+                    while heap and self._pending.get(heap[0][2]) is not heap[0][3]:
+                        heapq.heappop(heap)  # superseded
+                now = time.monotonic()
+                for urgent in (True, False):
+                    heap = self._heaps[urgent]
+                    if heap and heap[0][0] <= now:
+                        _, _, key, item = heapq.heappop(heap)
+                        del self._pending[key]
+                        self._active.add(key)
+                        self._depth(len(self._pending))
+                        return key, item
+                tops = [heap[0][0] for heap in self._heaps.values() if heap]
+                self._cond.wait(min(tops) - now if tops else None)
             return None
 
     def _work(self) -> None:
@@ -428,7 +448,7 @@ def finetune_changed(rt: Runtime, key: Key, cache: Cache, body: Mapping[str, Any
     again), so planning it once more would only cost a thread and find nothing to do."""
     if rt.latest.is_last_known(key, (body.get("metadata") or {}).get("resourceVersion")):
         return
-    rt.queue.add(key, "finetune-event", cache)
+    rt.queue.add(key, "finetune-event", cache, urgent=True)
 
 
 def finetune_deleted(rt: Runtime, key: Key, cache: Cache) -> None:

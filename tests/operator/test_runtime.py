@@ -144,3 +144,21 @@ def test_a_reconcile_runs_in_the_context_of_the_handler_that_queued_it():
         assert wait_for(lambda: seen, "the reconcile", timeout=5) == ["kopf's queue"]
     finally:
         queue.shutdown()
+
+
+def test_a_new_finetune_goes_before_status_refreshes_that_are_due():
+    recorder = Recorder()
+    queue = runtime.WorkQueue(recorder, workers=1)
+    try:
+        recorder.release.clear()
+        queue.add(("ml", "busy"), "finetune-event", None)  # holds the one thread
+        assert recorder.running.wait(5)
+        queue.add(("ml", "refresh"), "pod-event", None)
+        queue.add(("ml", "also-new"), "pod-event", None)
+        queue.add(("ml", "also-new"), "finetune-event", None, urgent=True)  # the same key, now urgent
+        queue.add(("ml", "new"), "finetune-event", None, urgent=True)
+        recorder.release.set()
+        assert wait_for(lambda: len(recorder.calls) == 4 and queue.idle(), "the queue to drain", timeout=5)
+        assert [key[1] for key, _ in recorder.calls] == ["busy", "also-new", "new", "refresh"]
+    finally:
+        queue.shutdown()
