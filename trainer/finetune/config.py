@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, dataclass, field
@@ -28,6 +29,7 @@ from .models.config import BUILTIN_MODELS, FREEZE_PRESETS
 SEED_MAX = 2**32 - 1  # numpy's seed limit; the CRD's spec.training.seed says the same
 MAX_CACHE_VIEWS = 64  # the CRD's spec.training.cacheViews says the same
 DEFAULT_CACHE_VIEWS = 4  # --cache-views unset (bench/results/feature-cache.md: what K costs)
+FREEZE_AUTO = "auto"  # --freeze auto: finetune.autofreeze picks the depth from measured memory
 
 
 def feature_cache_refusal(freeze: str, freeze_bn: bool, mosaic: float) -> str | None:
@@ -59,10 +61,25 @@ def bool_arg(value: str) -> bool:
 
 def freeze_arg(value: str) -> str:
     v = value.strip()
-    if v.isdigit() or v in FREEZE_PRESETS:
+    if v.isdigit() or v in FREEZE_PRESETS or v == FREEZE_AUTO:
         return v
     raise argparse.ArgumentTypeError(
-        f"expected a module count N or {' or '.join(repr(p) for p in FREEZE_PRESETS)}, got {value!r}")
+        f"expected a module count N, {' or '.join(repr(p) for p in FREEZE_PRESETS)} or {FREEZE_AUTO!r}, got {value!r}")
+
+
+_BYTE_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+               "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def parse_bytes(value: str | int) -> int:
+    """A byte count: digits, or a Kubernetes-style quantity (6Gi, 512Mi, 8G, 1.5Gi)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kMGT]i?|Ki)?\s*", str(value))
+    if not match or (match.group(2) or "") not in _BYTE_UNITS:
+        raise argparse.ArgumentTypeError(f"expected bytes or a quantity such as 6Gi or 512Mi, got {value!r}")
+    amount = int(float(match.group(1)) * _BYTE_UNITS[match.group(2) or ""])
+    if amount <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive memory size, got {value!r}")
+    return amount
 
 
 def workers_arg(value: str) -> int | None:
@@ -133,9 +150,15 @@ class TrainConfig:
                         help="|".join(BUILTIN_MODELS) + " or a model YAML of the same form")
     weights: Path | None = option(None, type=Path, metavar="PATH", default_text="random init",
                                   help="pretrained weights: a finetune checkpoint or an Ultralytics YOLOv5 .pt")
-    freeze: str = option("0", type=freeze_arg, metavar="|".join(("N", *FREEZE_PRESETS)),
+    freeze: str = option("0", type=freeze_arg, metavar="|".join(("N", *FREEZE_PRESETS, FREEZE_AUTO)),
                          help="freeze modules 0..N-1; 'backbone' (modules of the backbone, 10 for YOLOv5) or "
-                              "'all-but-detect' (everything but the Detect layer, 24); 0 trains everything")
+                              "'all-but-detect' (everything but the Detect layer, 24); 0 trains everything; 'auto' "
+                              "= the shallowest depth whose measured peak memory fits --memory-budget (finetune.autofreeze)")
+    memory_budget: int | None = option(None, type=parse_bytes, metavar="BYTES",
+                                       default_text="GPU memory (CUDA) or the container's memory limit, per process",
+                                       help="with --freeze auto: the memory one training process may use, in bytes or "
+                                            "as a quantity (6Gi); the depth is chosen so that its measured peak stays "
+                                            "10% below it")
     freeze_bn: bool = option(True, type=bool_arg, metavar="true|false",
                              default_text="true; false = YOLOv5's behaviour, where they drift",
                              help="keep frozen BatchNorm layers' running statistics fixed")
@@ -213,6 +236,13 @@ class TrainConfig:
         self.hyp = {key: _checked_hyperparameter(f"--hyp {key}={value}", key, value) for key, value in self.hyp.items()}
         if self.cache_views is not None and not 1 <= self.cache_views <= MAX_CACHE_VIEWS:
             raise FinetuneError(f"--cache-views {self.cache_views}: must be from 1 to {MAX_CACHE_VIEWS}")
+        if isinstance(self.memory_budget, str):
+            try:
+                self.memory_budget = parse_bytes(self.memory_budget)
+            except argparse.ArgumentTypeError as e:
+                raise FinetuneError(f"--memory-budget: {e}") from None
+        if self.memory_budget is not None and self.freeze != FREEZE_AUTO:
+            raise FinetuneError(f"--memory-budget only applies to --freeze auto (this run freezes {self.freeze})")
         if self.cache == "features":
             why = feature_cache_refusal(self.freeze, self.freeze_bn, self.hyperparameters["mosaic"])
             if why:

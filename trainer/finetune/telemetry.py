@@ -110,6 +110,13 @@ class TrainingMetrics:
                                          "Time to build (or find and open) the feature cache in this run (seconds).")
         self.feature_cache_views = gauge("finetune_feature_cache_views",
                                          "Views per training image in the feature cache (count).")
+        self.freeze_depth = gauge("finetune_freeze_depth",
+                                  "Modules frozen (0..N-1) in this run: the --freeze depth, or the one --freeze auto chose (count).")
+        self.freeze_probe_peak = gauge("finetune_freeze_probe_peak_bytes",
+                                       "--freeze auto: the peak memory measured at each candidate freeze depth (bytes).",
+                                       ("depth",))
+        self.freeze_budget = gauge("finetune_freeze_memory_budget_bytes",
+                                   "--freeze auto: the memory one training process may use, before the 10% margin (bytes).")
         self._server = None
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
@@ -139,6 +146,17 @@ class TrainingMetrics:
         self.feature_cache_bytes.labels(**self._l()).set(size_bytes)
         self.feature_cache_build.labels(**self._l()).set(build_seconds)
         self.feature_cache_views.labels(**self._l()).set(views)
+
+    def set_freeze(self, depth: int, choice=None) -> None:
+        """The depth trained at; with --freeze auto (a finetune.autofreeze.Choice) the budget and each probe."""
+        self.freeze_depth.labels(**self._l()).set(depth)
+        if choice is None:
+            return
+        if choice.budget_bytes:
+            self.freeze_budget.labels(**self._l()).set(choice.budget_bytes)
+        for p in choice.probes:
+            if p.peak_bytes is not None:
+                self.freeze_probe_peak.labels(**self._l(depth=str(p.depth))).set(p.peak_bytes)
 
     def set_validation(self, metrics: dict[str, float]) -> None:
         self.map50.labels(**self._l()).set(metrics["map50"])

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import __version__
+from . import __version__, autofreeze
 from .allocator import tune_malloc
 from .checkpoint import CHECKPOINT_FORMAT, load_resume_checkpoint, save_checkpoint, write_json, write_results_csv
-from .config import TrainConfig
+from .config import FREEZE_AUTO, TrainConfig
 from .data.config import load_data_config
 from .data.dataset import YoloDataset, auto_workers, build_dataloader
 from .distributed import (DistInfo, all_gather_object, all_reduce_mean, any_rank, barrier, broadcast_object,
@@ -323,8 +323,15 @@ class Trainer:
         self.hyp = cfg.hyperparameters
         self.data_cfg = load_data_config(cfg.data)
         self.model_cfg = load_model_config(cfg.model)
-        self.freeze_depth = resolve_freeze(cfg.freeze, self.model_cfg)
         self.resume_ckpt = self._find_resume()
+        self.freeze_choice: autofreeze.Choice | None = None
+        if cfg.freeze == FREEZE_AUTO:  # measured on rank 0 (or read from last.pt), the same on every rank
+            self.freeze_choice = autofreeze.decide(
+                cfg, self.model_cfg, self.data_cfg.nc, info, self.batch_per_rank, self.resume_ckpt, self.logger.info,
+                workers=auto_workers(info.device) if cfg.workers is None else cfg.workers)
+            self.freeze_depth = self.freeze_choice.chosen
+        else:
+            self.freeze_depth = resolve_freeze(cfg.freeze, self.model_cfg)
         self.last_metrics: dict[str, float] = {}
 
         model = build_model(self.model_cfg, nc=self.data_cfg.nc)
@@ -390,6 +397,7 @@ class Trainer:
             self.logger.info(f"metrics: http://0.0.0.0:{cfg.metrics_port}/metrics")
         if self.metrics:
             self.metrics.set_run(cfg.epochs, self.freeze_info.frozen_params, self.freeze_info.trainable_params)
+            self.metrics.set_freeze(self.freeze_depth, self.freeze_choice)
             self.metrics.set_progress(self.state.start_epoch, {}, 0.0)
             if self.feature_cache is not None:
                 self.metrics.set_feature_cache(self.feature_cache.bytes, self.feature_cache.build_time_s,
@@ -465,7 +473,8 @@ class Trainer:
             "names": list(self.data_cfg.names),
             "ema": portable_state_dict(self.ema.module),
             "metrics": metrics,
-            "freeze": {"depth": self.freeze_depth, "batchnorm_fixed": self.cfg.freeze_bn},
+            "freeze": {"depth": self.freeze_depth, "batchnorm_fixed": self.cfg.freeze_bn, "requested": self.cfg.freeze,
+                       **({"auto": self.freeze_choice.to_dict()} if self.freeze_choice else {})},
             "train_config": self.cfg.to_dict(),
         }
         if with_training_state:
@@ -608,6 +617,7 @@ class Trainer:
             "model": self.cfg.model,
             "freeze": self.cfg.freeze,
             "freeze_depth": self.freeze_depth,
+            **({"freeze_auto": self.freeze_choice.to_dict()} if self.freeze_choice else {}),
             "freeze_batchnorm": self.cfg.freeze_bn,
             "epochs": self.cfg.epochs,
             "epochs_completed": len(history),
