@@ -154,7 +154,7 @@ class WorkQueue:
 
 
 # The status fields a scrape writes (see status.apply_trainer_metrics).
-SCRAPED_FIELDS = ("epoch", "epochs", "progress", "metrics", "gpuMemory", "bestMetrics")
+SCRAPED_FIELDS = ("epoch", "epochs", "progress", "metrics", "gpuMemory", "bestMetrics", "featureCache", "freeze")
 
 
 class ScrapePool:

@@ -41,10 +41,17 @@ _RUN_GAUGES = {
     "finetune_feature_cache_bytes": "featureCacheBytes",
     "finetune_feature_cache_build_seconds": "featureCacheBuildSeconds",
     "finetune_feature_cache_views": "featureCacheViews",
+    "finetune_freeze_depth": "freezeDepth",
+    "finetune_freeze_memory_budget_bytes": "freezeBudgetBytes",
 }
+# --freeze auto: one series per probed depth (label ``depth``) -> status.freeze.probes.
+_FREEZE_PROBE = "finetune_freeze_probe_peak_bytes"
+MAX_FREEZE_PROBES = 64  # the CRD's status.freeze.probes maxItems
+MAX_FREEZE_DEPTH = 10_000
 # Per-rank peak memory: the largest rank is the one that runs out first.
 _PEAK_MEMORY = ("finetune_gpu_memory_peak_bytes", "finetune_cpu_memory_peak_bytes")
-_INTEGER_FIELDS = ("epoch", "epochs", "gpuMemoryPeakBytes", "featureCacheBytes", "featureCacheViews")
+_INTEGER_FIELDS = ("epoch", "epochs", "gpuMemoryPeakBytes", "featureCacheBytes", "featureCacheViews", "freezeDepth",
+                   "freezeBudgetBytes")
 # The values a real trainer can report; anything else is dropped (status field -> [low, high]).
 VALUE_RANGES: dict[str, tuple[float, float]] = {
     "epoch": (0, 1_000_000),
@@ -59,18 +66,23 @@ VALUE_RANGES: dict[str, tuple[float, float]] = {
     "featureCacheBytes": (0, 2**53),
     "featureCacheBuildSeconds": (0, 1e8),
     "featureCacheViews": (1, 64),
+    "freezeDepth": (0, MAX_FREEZE_DEPTH),
+    "freezeBudgetBytes": (1, 2**53),
 }
 
 
 @dataclasses.dataclass
 class TrainerMetrics:
     values: dict[str, float] = dataclasses.field(default_factory=dict)
+    freeze_probes: dict[int, float] = dataclasses.field(default_factory=dict)  # depth -> peak bytes
 
     def as_status(self) -> dict[str, Any]:
         """The fields status.apply_trainer_metrics expects (ints where the CRD says integer)."""
         result: dict[str, Any] = {}
         for key, value in self.values.items():
             result[key] = int(value) if key in _INTEGER_FIELDS else round(float(value), 6)
+        if self.freeze_probes:
+            result["freezeProbes"] = [{"depth": d, "peakBytes": int(v)} for d, v in sorted(self.freeze_probes.items())]
         return result
 
 
@@ -79,6 +91,7 @@ def parse_metrics(text: str, finetune: str | None = None) -> TrainerMetrics:
     values: dict[str, float] = {}
     peak: float | None = None
     losses: dict[str, float] = {}
+    probes: dict[int, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = sample.labels
@@ -93,11 +106,15 @@ def parse_metrics(text: str, finetune: str | None = None) -> TrainerMetrics:
                 values[_RUN_GAUGES[sample.name]] = sample.value
             elif sample.name == "finetune_train_loss":
                 losses[labels.get("component", "")] = sample.value
+            elif sample.name == _FREEZE_PROBE:
+                depth = labels.get("depth", "")
+                if depth.isdigit() and len(depth) <= 5 and len(probes) < MAX_FREEZE_PROBES:
+                    probes[int(depth)] = sample.value
     if peak is not None:
         values["gpuMemoryPeakBytes"] = peak
     if losses:
         values["trainLoss"] = sum(losses.values())
-    return TrainerMetrics(values)
+    return TrainerMetrics(values, probes)
 
 
 def metrics_url(pod: Mapping[str, Any], port: int) -> str | None:
@@ -184,4 +201,11 @@ def drop_implausible(metrics: TrainerMetrics, source: str) -> TrainerMetrics:
     if "epoch" in kept and "epochs" in kept and kept["epoch"] > kept["epochs"]:
         logger.warning("dropping epoch=%r from %s: more than epochs=%r", kept["epoch"], source, kept["epochs"])
         del kept["epoch"]
-    return TrainerMetrics(kept)
+    probes = {}
+    for depth, value in metrics.freeze_probes.items():
+        if not (0 <= depth <= MAX_FREEZE_DEPTH and isinstance(value, (int, float)) and math.isfinite(value)
+                and 0 < value <= 2**53):
+            logger.warning("dropping the freeze probe at depth %r=%r from %s: not a byte count", depth, value, source)
+            continue
+        probes[depth] = value
+    return TrainerMetrics(kept, probes)

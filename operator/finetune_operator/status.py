@@ -11,6 +11,8 @@ import dataclasses
 import datetime as dt
 from typing import Any, Iterable, Mapping
 
+from finetune.config import FREEZE_AUTO, FREEZE_AUTO_MARGIN
+
 PENDING = "Pending"
 RUNNING = "Running"
 RESTARTING = "Restarting"
@@ -292,12 +294,42 @@ FEATURE_CACHE_FIELDS = {"featureCacheBytes": "bytes", "featureCacheBuildSeconds"
                         "featureCacheViews": "views"}
 
 
+def freeze_status(previous: Mapping[str, Any] | None, spec_freeze: Any, depth: int | None,
+                  budget: int | None, probes: list[dict[str, int]] | None) -> dict[str, Any]:
+    """status.freeze: what spec.freeze asked for, the depth the trainer trains at, and with
+    freeze auto the budget and each probe's peak (``fits``: within the budget less the margin)."""
+    new = dict(previous or {})
+    if spec_freeze is not None:
+        new["requested"] = str(spec_freeze)
+    elif probes and "requested" not in new:
+        new["requested"] = FREEZE_AUTO
+    if depth is not None:
+        new["chosen"] = int(depth)
+    if budget is not None:
+        new["budgetBytes"], new["budget"] = int(budget), human_bytes(budget)
+    if probes:
+        new["probes"] = [{"depth": p["depth"], "peakBytes": p["peakBytes"], "peak": human_bytes(p["peakBytes"])}
+                         for p in probes]
+    if "budgetBytes" in new:
+        usable = new["budgetBytes"] * (1 - FREEZE_AUTO_MARGIN)
+        for p in new.get("probes", []):
+            p["fits"] = p["peakBytes"] <= usable
+    return new
+
+
 def apply_trainer_metrics(status: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Status with the latest scraped trainer metrics (see scrape.TrainerMetrics.as_status)."""
     new = copy.deepcopy(dict(status))
     if not metrics:
         return new
     current = {k: v for k, v in metrics.items() if v is not None}
+    depth = current.pop("freezeDepth", None)
+    budget = current.pop("freezeBudgetBytes", None)
+    probes = current.pop("freezeProbes", None)
+    if depth is not None or probes:
+        # The depth trained at (freeze auto: chosen from the probes' measured peaks).
+        new["freeze"] = freeze_status(new.get("freeze"), (new.get("appliedSpec") or {}).get("freeze"), depth, budget,
+                                      probes)
     cache = {FEATURE_CACHE_FIELDS[k]: current.pop(k) for k in list(current) if k in FEATURE_CACHE_FIELDS}
     if cache:
         # --cache features: its size and build time, beside the images/s it trains at.

@@ -15,6 +15,7 @@ from typing import Any, Collection, Mapping
 import yaml
 
 from finetune import hyperparameters as hyperparameter_table
+from finetune.config import FREEZE_AUTO
 from finetune.errors import FinetuneError
 from finetune.models import config as model_config
 
@@ -273,7 +274,8 @@ def validate_spec(
             problems.append(f"spec.model.architecture: {e}")
     else:
         problems.append("spec.model needs an architecture (yolov5n|s|m|l|x) or a config ConfigMap; set one")
-    if cfg is not None:
+    # freeze auto: the trainer measures and chooses a depth in range (finetune.autofreeze).
+    if cfg is not None and str(full["freeze"]).strip() != FREEZE_AUTO:
         try:
             model_config.resolve_freeze(full["freeze"], dict(cfg))
         except FinetuneError as e:

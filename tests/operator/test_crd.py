@@ -119,9 +119,25 @@ def test_samples_pass_server_dry_run(crd_installed, sample):
     dry_run(crd_installed, yaml.safe_load(sample.read_text()), check=True)
 
 
-@pytest.mark.parametrize("freeze", [0, 12, "12", "backbone", "all-but-detect"])
+@pytest.mark.parametrize("freeze", [0, 12, "12", "backbone", "all-but-detect", "auto"])
 def test_freeze_accepts_int_or_string(crd_installed, freeze):
     dry_run(crd_installed, with_change("freeze", freeze), check=True)
+
+
+def test_freeze_auto_and_its_status_survive_the_schema(crd_installed, namespace):
+    cp = crd_installed
+    body = copy.deepcopy(MINIMAL)
+    body["metadata"]["name"] = "auto"
+    body["spec"]["freeze"] = "auto"
+    cp.kubectl("-n", namespace, "create", "-f", "-", input=json.dumps(body))
+    freeze = {"requested": "auto", "chosen": 10, "budgetBytes": 6 << 30, "budget": "6.0Gi",
+              "probes": [{"depth": 0, "peakBytes": 7 << 30, "peak": "7.0Gi", "fits": False},
+                         {"depth": 10, "peakBytes": 5 << 30, "peak": "5.0Gi", "fits": True}]}
+    cp.kubectl("-n", namespace, "patch", "ft", "auto", "--subresource=status", "--type=merge",
+               "-p", json.dumps({"status": {"freeze": {**freeze, "notAField": 1}}}))
+    got = cp.get_json("ft", "auto", namespace=namespace)
+    assert got["spec"]["freeze"] == "auto"
+    assert got["status"]["freeze"] == freeze  # every field kept, the unknown one pruned
 
 
 def test_defaults_pruning_and_printed_status(crd_installed, namespace):

@@ -48,9 +48,10 @@ from typing import Any
 
 import torch
 
+from .config import FREEZE_AUTO_MARGIN
 from .errors import FinetuneError
 
-MARGIN = 0.10  # of the budget, kept free for what the probes do not run
+MARGIN = FREEZE_AUTO_MARGIN  # of the budget, kept free for what the probes do not run
 PROBE_STEPS = 3  # optimizer steps per probe: the first allocates optimizer state, the others show it is steady
 DEFAULT_REFINE = 4  # bisection probes after the three anchors
 LOADER_WORKER_BASE_BYTES = 256 << 20  # a forked loader process: interpreter pages it writes, decoded images
@@ -285,11 +286,12 @@ class Choice:
     budget_source: str
     probes: list[Probe]
     resumed: bool = False  # reused from last.pt, not measured in this run
+    ranks: list[int] = field(default_factory=list)  # the depth each rank received (rank order)
 
     def to_dict(self) -> dict[str, Any]:
         return {"requested": "auto", "chosen": self.chosen, "budget_bytes": self.budget_bytes,
                 "usable_bytes": self.usable_bytes, "margin": MARGIN, "budget_source": self.budget_source,
-                "resumed": self.resumed,
+                "resumed": self.resumed, "ranks": self.ranks,
                 "probes": [{**dataclasses.asdict(p), "fits": p.fits(self.usable_bytes)} for p in self.probes]}
 
     @classmethod
@@ -324,8 +326,9 @@ def no_fit_message(probes: list[Probe], budget: Budget, batch: int, imgsz: int) 
 
 
 def choose(anchors: list[int], budget: Budget, measure: Callable[[int], Probe], refine: int = DEFAULT_REFINE,
-           log: Callable[[str], None] | None = None, batch: int = 0, imgsz: int = 0) -> Choice:
-    """Probe every anchor depth, then bisect below the shallowest that fits; FinetuneError if none fits."""
+           log: Callable[[str], None] | None = None, batch: int = 0, imgsz: int = 0, lowest: int = 0) -> Choice:
+    """Probe every anchor depth, then bisect between the shallowest that fits and the deepest
+    shallower one that does not (or ``lowest``); FinetuneError if none fits."""
     probes: dict[int, Probe] = {}
 
     def run(depth: int) -> Probe:
@@ -343,7 +346,7 @@ def choose(anchors: list[int], budget: Budget, measure: Callable[[int], Probe], 
         raise FinetuneError(no_fit_message(list(probes.values()), budget, batch, imgsz))
     hi = fitting[0]
     below = [d for d in anchors if d < hi]
-    lo = below[-1] if below else anchors[0] - 1  # a depth known (or not allowed) not to fit
+    lo = below[-1] if below else lowest - 1  # a depth known (or not allowed) not to fit
     for _ in range(max(0, refine)):
         if hi - lo <= 1:
             break
@@ -373,7 +376,7 @@ def decide(cfg, model_cfg: dict, nc: int, info, batch_per_rank: int, resume_ckpt
            log: Callable[[str], None], workers: int = 0) -> Choice:
     """The depth every rank trains at: from last.pt when resuming, else measured on rank 0 and
     broadcast. ``cfg`` is the run's TrainConfig, ``info`` its DistInfo."""
-    from .distributed import broadcast_object, cpus_per_process
+    from .distributed import all_gather_object, broadcast_object, cpus_per_process
 
     record = ((resume_ckpt or {}).get("freeze") or {}) if resume_ckpt is not None else {}
     if resume_ckpt is not None and "depth" in record:
@@ -402,7 +405,7 @@ def decide(cfg, model_cfg: dict, nc: int, info, batch_per_rank: int, resume_ckpt
                 f"{spec.imgsz}, {info.device}) per candidate depth; budget {human(budget.usable)} usable "
                 f"({budget.source} less the {MARGIN:.0%} margin)")
             choice = choose(anchor_depths(model_cfg, minimum), budget, lambda d: probe(spec, d), refine_probes(),
-                            log=log, batch=batch_per_rank, imgsz=cfg.imgsz)
+                            log=log, batch=batch_per_rank, imgsz=cfg.imgsz, lowest=minimum)
             result = {"choice": choice.to_dict()}
         except FinetuneError as e:
             result = {"error": str(e)}
@@ -410,6 +413,7 @@ def decide(cfg, model_cfg: dict, nc: int, info, batch_per_rank: int, resume_ckpt
     if "error" in result:
         raise FinetuneError(result["error"])
     choice = Choice.from_dict(result["choice"])
+    choice.ranks = all_gather_object(choice.chosen, info)  # what each rank trains at: rank 0's choice everywhere
     for line in choice.lines():
         log(line)
     return choice

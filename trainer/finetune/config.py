@@ -30,6 +30,7 @@ SEED_MAX = 2**32 - 1  # numpy's seed limit; the CRD's spec.training.seed says th
 MAX_CACHE_VIEWS = 64  # the CRD's spec.training.cacheViews says the same
 DEFAULT_CACHE_VIEWS = 4  # --cache-views unset (bench/results/feature-cache.md: what K costs)
 FREEZE_AUTO = "auto"  # --freeze auto: finetune.autofreeze picks the depth from measured memory
+FREEZE_AUTO_MARGIN = 0.10  # of the memory budget, kept free by --freeze auto (the operator's status says it)
 
 
 def feature_cache_refusal(freeze: str, freeze_bn: bool, mosaic: float) -> str | None:
