@@ -59,24 +59,11 @@ async def finetune_changed(type: str, namespace: str, name: str, body: kopf.Body
                      services_by_finetune: kopf.Index, **_: Any) -> None:
     cache = _cache(finetunes_by_name, worker_pods_by_finetune, services_by_finetune)
     if type == "DELETED":
-        # No finalizer for this: the pods and Service go by garbage collection, and what the
-        # operator keeps per FineTune (metrics, copies) can go once it is gone. (kopf adds its
-        # finalizer while the clock daemon runs, to stop the daemon before deletion.)
+        # No finalizer: the pods and Service go by garbage collection, and what the operator
+        # keeps per FineTune (metrics, copies, its clock in the work queue) goes once it is gone.
         runtime.finetune_deleted(memo.runtime, (namespace, name), cache)
         return
     runtime.finetune_changed(memo.runtime, (namespace, name), cache, body)
-
-
-def _has_clock(body: kopf.Body, **_: Any) -> bool:
-    return runtime.has_clock(body)
-
-
-@kopf.daemon(m.GROUP, m.VERSION, m.PLURAL, when=_has_clock)
-async def finetune_clock(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
-                         finetunes_by_name: kopf.Index, worker_pods_by_finetune: kopf.Index,
-                         services_by_finetune: kopf.Index, **_: Any) -> None:
-    cache = _cache(finetunes_by_name, worker_pods_by_finetune, services_by_finetune)
-    await runtime.run_clock(memo.runtime, (namespace, name), body, stopped, cache)
 
 
 @kopf.on.event("", "v1", "pods", labels=OWNED_LABELS)

@@ -119,10 +119,6 @@ def configure_operator(settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     # --peering makes it mandatory, --standalone turns it off).
     if settings.peering.name == "default":
         settings.peering.name = PEERING_NAME
-    # Deleting a FineTune waits for its daemon to exit; if the daemon was mid-reconcile (or is the
-    # one deleting it for ttlSecondsAfterFinished), kopf re-checks after this many seconds
-    # (default 60) before it releases the finalizer.
-    settings.background.cancellation_polling = 1
     if options.metrics_port:
         prometheus_client.start_http_server(options.metrics_port, addr=options.metrics_address)
         logger.info("serving operator metrics on %s:%d", options.metrics_address, options.metrics_port)

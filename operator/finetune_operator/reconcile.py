@@ -73,6 +73,9 @@ class Plan:
     events: list[Event] = dataclasses.field(default_factory=list)
     counters: list[str] = dataclasses.field(default_factory=list)
     scrape_pod: dict[str, Any] | None = None
+    # Plan again as soon as this one is written: it started a new attempt, whose pods may be
+    # created at once if none of the old ones is left to wait for (no pod event would come).
+    again: bool = False
 
     @property
     def validation_failed(self) -> bool:
@@ -293,6 +296,7 @@ def _new_attempt(p: Plan, run: _Run) -> None:
     p.status["attempt"] = run.attempt + 1
     p.status["workers"] = {"active": 0, "succeeded": 0, "failed": 0}
     p.delete_pods += [_pod_ref(pod) for pod in run.current.values()]
+    p.again = True
 
 
 def _suspended(p: Plan, run: _Run) -> bool:

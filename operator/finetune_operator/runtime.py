@@ -436,10 +436,14 @@ def reconcile_queued(rt: Runtime, key: Key, why: str, cache: Cache) -> None:
     FineTune is gone (kopf does not retry event handlers)."""
     try:
         with rt.metrics.time_handler(why):
-            _reconcile(rt, key, cache)
+            result = _reconcile(rt, key, cache)
     except kopf.TemporaryError as e:
         logger.warning("%s (retrying in %.0fs)", e, rt.options.retry_delay)
         rt.queue.add(key, "retry", cache, delay=rt.options.retry_delay)
+        return
+    if result is not None and result.again:
+        rt.queue.add(key, "next-step", cache)
+    arm_clock(rt, key, cache)
 
 
 def finetune_changed(rt: Runtime, key: Key, cache: Cache, body: Mapping[str, Any]) -> None:
@@ -466,7 +470,7 @@ def worker_pod_changed(rt: Runtime, key: Key, pod: Mapping[str, Any], cache: Cac
     rt.queue.add(key, "pod-event", cache, delay=rt.options.pod_event_delay)
 
 
-# --- the clock: the only periodic work, and only where something is due --------------------------------------
+# --- the clock: the only periodic work, and only where something is due (see arm_clock) ---------------------
 
 def seconds_until_due(body: Mapping[str, Any], now: dt.datetime) -> float | None:
     """When the FineTune needs a reconcile without any event: 0 while it runs (metrics) or
@@ -487,29 +491,17 @@ def seconds_until_due(body: Mapping[str, Any], now: dt.datetime) -> float | None
     return None
 
 
-def has_clock(body: Mapping[str, Any]) -> bool:
-    return seconds_until_due(body, dt.datetime.now(dt.timezone.utc)) is not None
-
-
-async def run_clock(rt: Runtime, key: Key, body: Mapping[str, Any], stopped: Any, cache: Cache) -> None:
-    """Sleep until the FineTune is due (``body`` is kopf's live view of it), reconcile, repeat.
-
-    kopf stops this daemon when ``has_clock`` no longer matches and starts it again when it does;
-    so a Pending or finished FineTune has no clock at all, and a daemon never returns on its own
-    (kopf would never restart it)."""
-    while not stopped:
-        due = seconds_until_due(body, dt.datetime.now(dt.timezone.utc))
-        if due is None:
-            await stopped.wait()
-            return
-        if due > 0:
-            # Look at the (live) body again every poll interval, not only at the deadline: a
-            # Pending FineTune with an activeDeadlineSeconds becomes Running (due now, for its
-            # metrics) long before its deadline. The look itself makes no API call.
-            await stopped.wait(min(due, rt.options.poll_interval))
-            continue
-        rt.queue.add(key, "clock", cache)
-        await stopped.wait(rt.options.poll_interval)
+def arm_clock(rt: Runtime, key: Key, cache: Cache) -> None:
+    """After each reconcile: queue the next one for when the FineTune is due without any event
+    (every poll interval while it runs, at its deadline or TTL), or none at all. The queue keeps
+    one entry per FineTune, so an event before then simply comes first. (Not a kopf daemon or
+    timer: those keep a task, a finalizer and a live copy of the body per FineTune.)"""
+    indexed, _, _ = cache.observe(key)
+    if indexed is None:
+        return
+    due = seconds_until_due(rt.latest.newest(key, indexed), dt.datetime.now(dt.timezone.utc))
+    if due is not None:
+        rt.queue.add(key, "clock", cache, delay=due if due > 0 else rt.options.poll_interval)
 
 
 def forget_finetune(rt: Runtime, key: Key) -> None:

@@ -62,7 +62,7 @@ SCHEDULING = {"gangScheduling": {"coscheduling": {"enabled": True}, "volcano": {
 # test_rbac_audit_cluster.py.
 ALLOWED_VERBS = {
     # get: a re-read after a write refused as stale; delete: spec.ttlSecondsAfterFinished.
-    ("finetune.dev", "finetunes"): {"get", "list", "watch", "patch", "delete"},
+    ("finetune.dev", "finetunes"): {"get", "list", "watch", "delete"},
     ("finetune.dev", "finetunes/status"): {"patch"},
     ("", "pods"): {"list", "watch", "create", "delete", "patch"},
     ("", "services"): {"list", "watch", "create"},

@@ -589,6 +589,7 @@ def test_vanished_worker_of_a_started_run_restarts_everything():
     assert p.status["phase"] == "Restarting" and "cpu-smoke-worker-1 was disrupted (Deleted" in p.status["message"]
     assert p.status["restarts"] == 0 and p.status["disruptions"] == 1 and p.status["attempt"] == 1
     assert p.counters == ["disruptions"] and [e.reason for e in p.events] == ["Disrupted"]
+    assert p.again  # nothing left to wait for: the next attempt's pods come from a plan right after
 
 
 def running(body: dict, first) -> list[dict]:

@@ -121,12 +121,12 @@ RBAC rules for what the operator does inside a watched namespace. Shared by the 
 operator makes; nothing is "*".
 */}}
 {{- define "finetune-operator.workloadRules" -}}
-# Watch FineTunes (kopf's watch and index); patch for kopf's
-# finalizer while a clock daemon runs; get to re-read one after a write refused as stale;
+# Watch FineTunes (kopf's watch and index); get to re-read one after a write refused as stale;
 # delete for spec.ttlSecondsAfterFinished (the operator removes finished FineTunes itself).
+# No patch: the operator writes only .status, and holds no finalizer (its clock is its own).
 - apiGroups: ["finetune.dev"]
   resources: ["finetunes"]
-  verbs: ["get", "list", "watch", "patch", "delete"]
+  verbs: ["get", "list", "watch", "delete"]
 # Report phase, progress and metrics in .status (merge and JSON patches; never read apart).
 - apiGroups: ["finetune.dev"]
   resources: ["finetunes/status"]
