@@ -101,7 +101,8 @@ def test_seed_bounds_are_accepted():
 def every_field_set() -> TrainConfig:
     """A config in which every field differs from its default."""
     return TrainConfig(
-        data=Path("/d/data.yaml"), model="yolov5n", weights=Path("/w/best.pt"), freeze="backbone", freeze_bn=False,
+        data=Path("/d/data.yaml"), model="yolov5n", weights=Path("/w/best.pt"), freeze="auto", memory_budget=6 << 30,
+        freeze_bn=False,
         epochs=3, batch=8, imgsz=320, optimizer="AdamW", lr0=0.002, lr_schedule="linear", patience=5, amp="bf16",
         cache="ram", cache_views=2, seed=SEED_MAX, workers=0, hyp={"mosaic": 0.5, "nbs": 16.0}, device="cpu", out=Path("/o/run"),
         name="named", resume="auto", metrics_port=9400, metrics_linger=2.5, log_format="json", progress=True)
