@@ -130,12 +130,15 @@ def test_bisection_finds_the_shallowest_depth_between_anchors():
     assert seen[:3] == [0, 10, 24] and len(seen) <= 3 + 4
     # Without refinement the anchors decide.
     assert autofreeze.choose([0, 10, 24], budget, table(peaks_by_depth, []), refine=0).chosen == 10
-    # The feature cache's lowest allowed depth is 1: the bisection stays above 0.
+    # The feature cache's lowest allowed depth is 1: it is an anchor instead of 0, and the bisection stays above 0.
+    anchors = autofreeze.anchor_depths(load_model_config("yolov5n"), 1)
+    assert anchors == [1, 10, 24]
     feature_seen: list[int] = []
-    wide = Budget(10_000, "test")
-    choice = autofreeze.choose(autofreeze.anchor_depths(load_model_config("yolov5n"), 1), wide,
-                               table(peaks_by_depth, feature_seen), refine=4, lowest=1)
-    assert choice.chosen == 1 and 0 not in feature_seen
+    choice = autofreeze.choose(anchors, Budget(10_000, "test"), table(peaks_by_depth, feature_seen), refine=4, lowest=1)
+    assert choice.chosen == 1 and feature_seen == [1, 10, 24]
+    feature_seen.clear()
+    choice = autofreeze.choose([10, 24], budget, table(peaks_by_depth, feature_seen), refine=4, lowest=1)
+    assert choice.chosen == 7 and 0 not in feature_seen
 
 
 def test_nothing_fits_names_the_smallest_peak():
@@ -178,3 +181,17 @@ def test_freeze_auto_and_memory_budget_flags(tmp_path):
         TrainConfig.from_argv([*base, "--freeze", "auto", "--memory-budget", "lots"])
     # --cache features accepts auto: the depth is resolved first, and only depths > 0 are candidates.
     assert TrainConfig.from_argv([*base, "--freeze", "auto", "--cache", "features", "--hyp", "mosaic=0"]).cache == "features"
+
+
+@pytest.mark.slow
+def test_cache_features_resolves_auto_to_a_frozen_prefix(tiny_dataset, tmp_path):
+    out = tmp_path / "cached"
+    done = run(finetune_cmd("train", "--data", str(tiny_dataset), "--model", "yolov5n", "--epochs", "1", "--batch", "4",
+                            "--imgsz", "64", "--workers", "0", "--out", str(out), "--hyp", "nbs=4", "--hyp",
+                            "warmup_epochs=0", "--hyp", "mosaic=0", "--cache", "features", "--cache-views", "1",
+                            "--freeze", "auto", "--memory-budget", str(10 << 40)), FINETUNE_FREEZE_REFINE="0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "metrics.json").read_text())
+    assert [p["depth"] for p in summary["freeze_auto"]["probes"]] == [1, 10, 24]  # 0 would leave nothing to cache
+    assert summary["freeze_depth"] == summary["freeze_auto"]["chosen"] == 1
+    assert summary["feature_cache"]["views"] == 1

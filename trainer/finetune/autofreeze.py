@@ -21,7 +21,7 @@ How a peak is measured:
   A probe killed by the kernel (the container's OOM killer) counts as "does not fit".
 
 Candidates: 0, ``backbone`` and ``all-but-detect`` (each always measured, so the log shows
-all three), then a bisection between the deepest anchor that does not fit and the shallowest
+all three; with ``--cache features``, which needs a frozen prefix, 1 instead of 0), then a bisection between the deepest anchor that does not fit and the shallowest
 that does (at most ``FINETUNE_FREEZE_REFINE`` more probes, default 4) for a finer boundary:
 peak memory falls as more modules freeze, so the bisection finds the shallowest depth that
 fits. The budget: ``--memory-budget`` if given, otherwise the GPU's total memory (CUDA) or,
@@ -360,10 +360,10 @@ def choose(anchors: list[int], budget: Budget, measure: Callable[[int], Probe], 
 
 
 def anchor_depths(model_cfg: dict, minimum: int = 0) -> list[int]:
-    """0, backbone and all-but-detect for this model, those at least ``minimum``."""
+    """0 (or ``minimum``, the shallowest depth allowed), backbone and all-but-detect for this model."""
     from .models.config import freeze_presets
 
-    return sorted({d for d in (0, *freeze_presets(model_cfg).values()) if d >= minimum})
+    return sorted({max(d, minimum) for d in (0, *freeze_presets(model_cfg).values())})
 
 
 def refine_probes() -> int:
