@@ -22,6 +22,9 @@ start up.
 
 Small and fast (2 cores in CI): 128 synthetic 64 px images, yolov5n, 2 epochs of 32 optimizer
 steps (global batch 4), ``OMP_NUM_THREADS=1`` in the pods as in the bare run.
+
+The second test checks the agent's part on its own: SIGKILL comes min(the pod's grace, the
+agent's cap) after SIGTERM, and ``raised_grace_cap`` lets a pod use a longer grace period.
 """
 
 from __future__ import annotations
@@ -202,3 +205,42 @@ def test_suspend_mid_epoch_checkpoints_on_sigterm_and_resume_loses_under_10_perc
             reference.kill()
     assert reference.returncode == 0, reference_log.read_text()[-3000:]
     trainer_tests.assert_same_run(out, gs.root / "reference")
+
+
+def test_the_agent_gives_a_deleted_pod_its_grace_period_up_to_the_cap(gs, trainer_image):
+    """What the test above relies on: SIGKILL comes min(the pod's grace, the agent's cap) after
+    SIGTERM, and raised_grace_cap lets a pod use a grace period longer than the default cap."""
+    cap = gs.agent.grace_cap
+    linger = int(cap) + 5  # how long each pod's SIGTERM trap takes: longer than the default cap
+
+    def pod(name: str, grace: int) -> dict:
+        script = f"trap 'echo got-TERM; sleep {linger}; echo done; exit 0' TERM; echo started; " \
+                 "while true; do sleep 0.2; done"
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+                "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": grace,
+                         "containers": [{"name": "main", "image": trainer_image, "command": ["sh", "-c", script]}]}}
+
+    names = {"capped": 30, "honoured": 30, "short": 2}
+    gs.cp.apply([pod(name, grace) for name, grace in names.items()], namespace=gs.ns)
+    runs = {name: oh.wait_for(lambda n=name: (r := gs.agent.pod_run(gs.ns, n)) and "started" in
+                              gs.agent.log(gs.ns, n) and r, f"pod {name} to start", timeout=120)
+            for name in names}
+    gs.cp.kubectl("-n", gs.ns, "delete", "pod", "capped", "--wait=false")
+    oh.wait_for(lambda: runs["capped"].sigterm_at is not None, "capped's SIGTERM", timeout=10)
+    with gs.agent.raised_grace_cap(60):
+        gs.cp.kubectl("-n", gs.ns, "delete", "pod", "honoured", "short", "--wait=false")
+        oh.wait_for(lambda: all(runs[n].sigterm_at is not None for n in ("honoured", "short")), "their SIGTERM",
+                    timeout=10)
+    assert gs.agent.grace_cap == cap
+    oh.wait_for(lambda: all(r.exited_at is not None for r in runs.values()), "the pods to end", timeout=linger + 20)
+    took = {name: r.exited_at - r.sigterm_at for name, r in runs.items()}
+    logs = {name: r.log.read_text(errors="replace") for name, r in runs.items()}
+    assert all("got-TERM" in log for log in logs.values()), logs
+    # the default cap cut the 30 s grace short; raised, the pod had the time its trap needed
+    assert runs["capped"].grace == cap and cap - 0.5 <= took["capped"] < linger, (took, logs["capped"])
+    assert "done" not in logs["capped"] and runs["capped"].proc.returncode != 0
+    assert runs["honoured"].grace == 30 and took["honoured"] >= linger - 0.5, took
+    assert "done" in logs["honoured"] and runs["honoured"].proc.returncode == 0, logs["honoured"]
+    # under the raised cap, a pod's own shorter grace period still holds
+    assert runs["short"].grace == 2 and took["short"] < cap - 1, took
+    assert "done" not in logs["short"] and runs["short"].proc.returncode != 0
