@@ -4,7 +4,7 @@ plane (v1.20, no kubelet, no Kueue, no gang scheduler).
 The operator runs as its own release of the chart with gang scheduling (Coscheduling, Volcano),
 PodDisruptionBudgets and every pod reference enabled, so with exactly the RBAC and settings the
 chart gives it then. The scheduler-plugins and Volcano PodGroup CRDs are applied as they are
-(shared/scheduling). Neither scheduler nor Kueue runs here: the tests show what the operator's
+(tests/data/scheduling, copies of shared/scheduling). Neither scheduler nor Kueue runs here: the tests show what the operator's
 side of each contract puts on the apiserver (PodGroups it accepts, the pods' labels,
 annotations and schedulerName, the retriable-in-group mark), not that a gang is admitted.
 The PodDisruptionBudget is enforced for real: the controller-manager's disruption controller
