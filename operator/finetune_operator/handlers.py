@@ -20,22 +20,19 @@ from . import runtime
 OWNED_LABELS = {m.LABEL_MANAGED_BY: m.MANAGED_BY, m.LABEL_FINETUNE: kopf.PRESENT}
 
 
+# The index functions only return entries. kopf stores an entry after its function returns and
+# calls the event handlers after that: the handlers, not these, tell the runtime that the watch has
+# caught up (runtime.LatestCopies, RecentPods), so that no reconcile thread ever finds the
+# operator's own copy dropped while the index still holds the older one.
 @kopf.index(m.GROUP, m.VERSION, m.PLURAL)
-async def finetunes_by_name(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,
-                      **_: Any) -> dict[runtime.Key, Any]:
-    entry = runtime.finetune_entry(body)
-    if "runtime" in memo:  # the watch has caught up with this version (see runtime.LatestCopies)
-        memo.runtime.latest.seen((namespace, name), entry["metadata"]["resourceVersion"])
-    return {(namespace, name): entry}
+async def finetunes_by_name(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[runtime.Key, Any]:
+    return {(namespace, name): runtime.finetune_entry(body)}
 
 
 @kopf.index("", "v1", "pods", labels=OWNED_LABELS)
-async def worker_pods_by_finetune(namespace: str, name: str, labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo,
-                            **_: Any) -> dict[runtime.Key, Any]:
-    key = (namespace, labels[m.LABEL_FINETUNE])
-    if "runtime" in memo:  # the watch has delivered this pod (see runtime.RecentPods)
-        memo.runtime.recent_pods.seen(key, name)
-    return {key: runtime.pod_entry(body)}
+async def worker_pods_by_finetune(namespace: str, labels: kopf.Labels, body: kopf.Body,
+                                  **_: Any) -> dict[runtime.Key, Any]:
+    return {(namespace, labels[m.LABEL_FINETUNE]): runtime.pod_entry(body)}
 
 
 @kopf.index("", "v1", "services", labels=OWNED_LABELS)

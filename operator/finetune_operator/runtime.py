@@ -236,8 +236,8 @@ class LatestCopies:
             return resource_version is not None and self._last_version.get(key) == resource_version
 
     def seen(self, key: Key, resource_version: str | None) -> None:
-        """The watch delivered this version: the index has caught up if it is the one written
-        or a later one (kopf batches a burst of events and hands over only the last, so the
+        """kopf's index holds this version (called from the event handler, which kopf calls
+        after storing it): it has caught up if it is the one written or a later one (kopf batches a burst of events and hands over only the last, so the
         version written may never be delivered on its own; keeping the written copy then would
         hide a user's later change, e.g. a resume)."""
         with self._guard:
@@ -441,6 +441,10 @@ def reconcile_queued(rt: Runtime, key: Key, why: str, cache: Cache) -> None:
         logger.warning("%s (retrying in %.0fs)", e, rt.options.retry_delay)
         rt.queue.add(key, "retry", cache, delay=rt.options.retry_delay)
         return
+    except Exception:  # noqa: BLE001 - a bug: retried like API trouble, so the FineTune is not left without a clock
+        logger.exception("reconciling %s/%s failed (retrying in %.0fs)", *key, rt.options.retry_delay)
+        rt.queue.add(key, "retry", cache, delay=rt.options.retry_delay)
+        return
     if result is not None and result.again:
         rt.queue.add(key, "next-step", cache)
     arm_clock(rt, key, cache)
@@ -449,8 +453,12 @@ def reconcile_queued(rt: Runtime, key: Key, why: str, cache: Cache) -> None:
 def finetune_changed(rt: Runtime, key: Key, cache: Cache, body: Mapping[str, Any]) -> None:
     """Any change of the FineTune but the one this operator just made: the plan that wrote a
     version already did what that version calls for (pod events and later changes reconcile
-    again), so planning it once more would only cost a thread and find nothing to do."""
-    if rt.latest.is_last_known(key, (body.get("metadata") or {}).get("resourceVersion")):
+    again), so planning it once more would only cost a thread and find nothing to do. kopf has
+    stored this version in its index before calling the handler: a copy the operator wrote that
+    is not newer can go now (not earlier: see handlers.py)."""
+    version = (body.get("metadata") or {}).get("resourceVersion")
+    rt.latest.seen(key, version)
+    if rt.latest.is_last_known(key, version):
         return
     rt.queue.add(key, "finetune-event", cache, urgent=True)
 
@@ -463,8 +471,10 @@ def worker_pod_changed(rt: Runtime, key: Key, pod: Mapping[str, Any], cache: Cac
     """A worker pod changed: its FineTune's status may have to follow, after a moment in which
     the other workers' events join it (the scheduler and kubelets change a gang's pods within
     milliseconds of each other: one status write, not one per pod). Not if the event shows the
-    pod as this operator created it (the creating plan counted it already)."""
+    pod as this operator created it (the creating plan counted it already). kopf's index holds
+    the pod (or has dropped a deleted one) by now, so the runtime's own record of it can go."""
     meta = pod.get("metadata") or {}
+    rt.recent_pods.seen(key, meta.get("name", ""))
     if rt.recent_pods.is_as_created(key, meta.get("name", ""), meta.get("resourceVersion")):
         return
     rt.queue.add(key, "pod-event", cache, delay=rt.options.pod_event_delay)

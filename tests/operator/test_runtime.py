@@ -3,11 +3,18 @@ caught up, and which events it need not reconcile) and its work queue."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import threading
 import time
 
-from finetune_operator import runtime
+import kopf
+from prometheus_client import CollectorRegistry
+
+from finetune_operator import handlers, runtime
+from finetune_operator import manifests as m
+from finetune_operator.main import Options
+from finetune_operator.metrics import OperatorMetrics
 from support import wait_for
 
 KEY = ("ml", "ft")
@@ -50,6 +57,60 @@ def test_a_created_pod_counts_until_seen_and_its_first_event_is_known():
     assert not pods.is_as_created(KEY, "ft-worker-0", "11")  # asked once: later events reconcile
     pods.created(KEY, pod("ft-worker-1", "12"))
     assert not pods.is_as_created(KEY, "ft-worker-1", "13")  # changed since (e.g. scheduled)
+
+
+class Index(dict):
+    """A kopf index as the runtime reads it: key -> the entries of the objects there."""
+
+    def put(self, key, entry) -> None:
+        self[key] = [entry]
+
+
+def test_a_running_finetune_keeps_its_clock_while_kopf_stores_the_operator_s_own_write():
+    """kopf calls an index function, then stores what it returned, then the event handlers. A
+    reconcile thread that arms the clock in between still finds the older copy (Pending) in the
+    index: the operator's own copy (Running) must not have gone yet, or no clock is armed and the
+    FineTune's status stops following the trainer (seen in 1 of 4 hostile-scrape runs)."""
+    rt = runtime.Runtime(kube=None, metrics=OperatorMetrics(CollectorRegistry()), options=Options(poll_interval=60),
+                         scrapes=runtime.ScrapePool(1, 1.0))
+    try:
+        finetunes, pods = Index(), Index()
+        cache = runtime.Cache(finetunes, pods, {})
+        finetunes.put(KEY, runtime.finetune_entry(finetune("6", "Pending")))
+        rt.wrote(KEY, finetune("7", "Running"))
+        rt.wrote(KEY, pod("ft-worker-0", "8"))
+        memo = kopf.Memo(runtime=rt)
+        # The watch delivers both versions; kopf runs the index functions ...
+        asyncio.run(handlers.finetunes_by_name(namespace="ml", name="ft", body=finetune("7", "Running"), memo=memo))
+        asyncio.run(handlers.worker_pods_by_finetune(namespace="ml", name="ft-worker-0", body=pod("ft-worker-0", "8"),
+                                                     labels={m.LABEL_FINETUNE: "ft"}, memo=memo))
+        # ... and before it stores their entries, a reconcile thread looks:
+        assert rt.latest.newest(KEY, finetunes[KEY][0])["status"]["phase"] == "Running"
+        assert [p["metadata"]["name"] for p in rt.recent_pods.with_indexed(KEY, [])] == ["ft-worker-0"]
+        runtime.arm_clock(rt, KEY, cache)
+        assert rt.queue._pending[KEY].why == "clock"
+        # kopf stores them and calls the event handlers: the operator's copies go, the index decides.
+        finetunes.put(KEY, runtime.finetune_entry(finetune("7", "Running")))
+        runtime.finetune_changed(rt, KEY, cache, finetune("7", "Running"))
+        assert rt.latest.newest(KEY, finetunes[KEY][0]) is finetunes[KEY][0]
+        assert rt.queue._pending[KEY].why == "clock"  # its own write: no reconcile asked for
+        runtime.worker_pod_changed(rt, KEY, pod("ft-worker-0", "8"), cache)
+        assert rt.recent_pods.with_indexed(KEY, []) == []
+    finally:
+        rt.queue.shutdown()
+
+
+def test_a_reconcile_that_raises_is_retried_so_the_finetune_keeps_its_clock():
+    rt = runtime.Runtime(kube=None, metrics=OperatorMetrics(CollectorRegistry()),
+                         options=Options(retry_delay=60), scrapes=runtime.ScrapePool(1, 1.0))
+    try:
+        finetunes = Index()
+        finetunes.put(KEY, {"metadata": {"resourceVersion": "1"}})  # no spec: plan() fails on it
+        runtime.reconcile_queued(rt, KEY, "clock", runtime.Cache(finetunes, {}, {}))
+        assert rt.queue._pending[KEY].why == "retry"
+        assert rt.queue._pending[KEY].due > time.monotonic() + 50
+    finally:
+        rt.queue.shutdown()
 
 
 # --- the work queue -----------------------------------------------------------------------------------
