@@ -237,20 +237,32 @@ class LatestCopies:
 
     def seen(self, key: Key, resource_version: str | None) -> None:
         """kopf's index holds this version (called from the event handler, which kopf calls
-        after storing it): it has caught up if it is the one written or a later one (kopf batches a burst of events and hands over only the last, so the
-        version written may never be delivered on its own; keeping the written copy then would
-        hide a user's later change, e.g. a resume)."""
+        after storing it): it has caught up if it is the one written or a later one (kopf
+        batches a burst of events and hands over only the last, so the version written may
+        never be delivered on its own; keeping the written copy then would hide a user's later
+        change, e.g. a resume)."""
         with self._guard:
             written = self._written.get(key)
             if written is not None and _not_older(resource_version, written["metadata"]["resourceVersion"]):
                 del self._written[key]
 
-    def newest(self, key: Key, indexed: dict[str, Any] | None) -> dict[str, Any] | None:
-        # Equal versions: the watch caught up before seen() ran (or after a relist).
-        if indexed is not None:
-            self.seen(key, indexed["metadata"].get("resourceVersion"))
+    def newest(self, key: Key, read_index: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+        """The newer of this operator's copy and the index's. The copy is read first: seen()
+        drops it only after kopf has stored that version or a later one, so a reader that finds
+        no copy finds the index caught up (read the other way round, the index could still be
+        the older one and the copy gone by the time it is looked for)."""
         with self._guard:
-            return self._written.get(key, indexed)
+            written = self._written.get(key)
+        indexed = read_index()
+        if written is None:
+            return indexed
+        if indexed is not None and _not_older(indexed["metadata"].get("resourceVersion"),
+                                              written["metadata"]["resourceVersion"]):
+            with self._guard:  # the watch caught up before seen() ran (or after a relist)
+                if self._written.get(key) is written:
+                    del self._written[key]
+            return indexed
+        return written
 
     def forget(self, key: Key) -> None:
         with self._guard:
@@ -292,13 +304,15 @@ class RecentPods:
                 if not created:
                     del self._created[key]
 
-    def with_indexed(self, key: Key, indexed: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        names = {pod["metadata"]["name"] for pod in indexed}
+    def with_indexed(self, key: Key, read_index: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """The index's pods and those created but not yet there. What was created is read
+        first, for the reason LatestCopies.newest gives."""
         oldest = time.monotonic() - RECENT_POD_SECONDS
         with self._guard:
-            created = self._created.get(key) or {}
-            recent = [pod for name, (at, pod) in created.items() if name not in names and at >= oldest]
-        return indexed + recent
+            created = [(name, pod) for name, (at, pod) in (self._created.get(key) or {}).items() if at >= oldest]
+        indexed = read_index()
+        names = {pod["metadata"]["name"] for pod in indexed}
+        return indexed + [pod for name, pod in created if name not in names]
 
     def forget(self, key: Key) -> None:
         with self._guard:
@@ -335,15 +349,30 @@ class Runtime:
 
 @dataclasses.dataclass
 class Cache:
-    """kopf's indexes of what the operator watches (see handlers.py), read under the lock."""
+    """kopf's indexes of what the operator watches (see handlers.py)."""
 
     finetunes: Mapping[Key, Any]
     worker_pods: Mapping[Key, Any]
     services: Mapping[Key, Any]
 
-    def observe(self, key: Key) -> tuple[dict[str, Any] | None, list[dict[str, Any]], bool]:
-        finetune = next(iter(self.finetunes.get(key, ())), None)
-        return finetune, list(self.worker_pods.get(key, ())), key in self.services
+    def finetune(self, key: Key) -> dict[str, Any] | None:
+        return next(iter(self.finetunes.get(key, ())), None)
+
+    def pods(self, key: Key) -> list[dict[str, Any]]:
+        return list(self.worker_pods.get(key, ()))
+
+    def has_service(self, key: Key) -> bool:
+        return key in self.services
+
+
+def observe(rt: Runtime, key: Key, cache: Cache) -> tuple[dict[str, Any] | None, list[dict[str, Any]], bool]:
+    """The FineTune, its worker pods and whether its Service exists, as the newest of the
+    indexes and this operator's own writes say (None for a FineTune gone from the index)."""
+    if cache.finetune(key) is None:
+        return None, [], False
+    finetune = rt.latest.newest(key, lambda: cache.finetune(key))
+    pods = rt.recent_pods.with_indexed(key, lambda: cache.pods(key))
+    return finetune, pods, cache.has_service(key)
 
 
 # --- what the indexes keep: only the fields the reconciler reads -----------------------------------------
@@ -400,14 +429,12 @@ def post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -
 
 def _reconcile(rt: Runtime, key: Key, cache: Cache) -> reconcile.Plan | None:
     namespace, name = key
-    indexed, indexed_pods, service_exists = cache.observe(key)
-    if indexed is None:
+    finetune, pods, service_exists = observe(rt, key, cache)
+    if finetune is None:
         # Gone from kopf's index: deleted (or never seen). What is kept for it can go now, in
         # the queue's order, so no reconcile still running for it brings it back.
         forget_finetune(rt, key)
         return None
-    finetune = rt.latest.newest(key, indexed)
-    pods = rt.recent_pods.with_indexed(key, indexed_pods)
     try:
         result = reconcile.reconcile(
             rt.kube, finetune, pods, service_exists,
@@ -506,10 +533,10 @@ def arm_clock(rt: Runtime, key: Key, cache: Cache) -> None:
     (every poll interval while it runs, at its deadline or TTL), or none at all. The queue keeps
     one entry per FineTune, so an event before then simply comes first. (Not a kopf daemon or
     timer: those keep a task, a finalizer and a live copy of the body per FineTune.)"""
-    indexed, _, _ = cache.observe(key)
-    if indexed is None:
+    finetune, _, _ = observe(rt, key, cache)
+    if finetune is None:
         return
-    due = seconds_until_due(rt.latest.newest(key, indexed), dt.datetime.now(dt.timezone.utc))
+    due = seconds_until_due(finetune, dt.datetime.now(dt.timezone.utc))
     if due is not None:
         rt.queue.add(key, "clock", cache, delay=due if due > 0 else rt.options.poll_interval)
 

@@ -9,6 +9,7 @@ import threading
 import time
 
 import kopf
+import pytest
 from prometheus_client import CollectorRegistry
 
 from finetune_operator import handlers, runtime
@@ -34,13 +35,13 @@ def pod(name: str, version: str) -> dict:
 def test_a_written_copy_is_planned_from_until_the_watch_delivers_its_version():
     latest = runtime.LatestCopies()
     indexed = runtime.finetune_entry(finetune("5", "Pending"))
-    assert latest.newest(KEY, indexed) is indexed
+    assert latest.newest(KEY, lambda: indexed) is indexed
     latest.wrote(KEY, finetune("7", "Running"))
     latest.seen(KEY, "6")  # an older version reaches the index: ours is still newer
-    assert latest.newest(KEY, runtime.finetune_entry(finetune("6", "Pending")))["status"]["phase"] == "Running"
+    assert latest.newest(KEY, lambda: runtime.finetune_entry(finetune("6", "Pending")))["status"]["phase"] == "Running"
     latest.seen(KEY, "7")
     caught_up = runtime.finetune_entry(finetune("7", "Running"))
-    assert latest.newest(KEY, caught_up) is caught_up
+    assert latest.newest(KEY, lambda: caught_up) is caught_up
     # The event of the operator's own last write needs no reconcile; any other version does.
     assert latest.is_last_known(KEY, "7") and not latest.is_last_known(KEY, "8")
     latest.forget(KEY)
@@ -50,9 +51,9 @@ def test_a_written_copy_is_planned_from_until_the_watch_delivers_its_version():
 def test_a_created_pod_counts_until_seen_and_its_first_event_is_known():
     pods = runtime.RecentPods()
     pods.created(KEY, pod("ft-worker-0", "11"))
-    assert [p["metadata"]["name"] for p in pods.with_indexed(KEY, [])] == ["ft-worker-0"]
+    assert [p["metadata"]["name"] for p in pods.with_indexed(KEY, list)] == ["ft-worker-0"]
     pods.seen(KEY, "ft-worker-0")
-    assert pods.with_indexed(KEY, []) == []  # from now on the index alone says whether it exists
+    assert pods.with_indexed(KEY, list) == []  # from now on the index alone says whether it exists
     assert pods.is_as_created(KEY, "ft-worker-0", "11")
     assert not pods.is_as_created(KEY, "ft-worker-0", "11")  # asked once: later events reconcile
     pods.created(KEY, pod("ft-worker-1", "12"))
@@ -60,17 +61,37 @@ def test_a_created_pod_counts_until_seen_and_its_first_event_is_known():
 
 
 class Index(dict):
-    """A kopf index as the runtime reads it: key -> the entries of the objects there."""
+    """A kopf index as the runtime reads it (key -> the entries of the objects there). ``kopf``,
+    if set, is run at its ``at_read``-th read (counting from 0), as if kopf stored an event's
+    entries and called the event handlers in its own thread just before that read
+    (``read_after``) or just after it."""
+
+    kopf = None
+    at_read = 0
+    read_after = False
 
     def put(self, key, entry) -> None:
         self[key] = [entry]
 
+    def get(self, key, default=None):
+        value = super().get(key, default)
+        self.at_read -= 1
+        if self.at_read == -1 and self.kopf:
+            self.kopf()
+            return super().get(key, default) if self.read_after else value
+        return value
 
-def test_a_running_finetune_keeps_its_clock_while_kopf_stores_the_operator_s_own_write():
-    """kopf calls an index function, then stores what it returned, then the event handlers. A
-    reconcile thread that arms the clock in between still finds the older copy (Pending) in the
-    index: the operator's own copy (Running) must not have gone yet, or no clock is armed and the
-    FineTune's status stops following the trainer (seen in 1 of 4 hostile-scrape runs)."""
+
+INTERLEAVINGS = [(at_read, when) for at_read in (0, 1) for when in ("before", "after")]
+
+
+@pytest.mark.parametrize(("at_read", "when"), INTERLEAVINGS)
+def test_a_running_finetune_keeps_its_clock_however_kopf_and_a_reconcile_interleave(at_read, when):
+    """The reconcile that writes Running arms the clock while kopf handles the watch event of
+    that very write: kopf runs the index functions, stores their entries, then calls the event
+    handlers, in its own thread. Wherever that falls in the reconcile thread's reads, it must
+    see Running (and the pod it created), or no clock is armed and the FineTune's status stops
+    following the trainer (the 1-in-4 hostile-scrape stall of 2026-12-02)."""
     rt = runtime.Runtime(kube=None, metrics=OperatorMetrics(CollectorRegistry()), options=Options(poll_interval=60),
                          scrapes=runtime.ScrapePool(1, 1.0))
     try:
@@ -80,22 +101,47 @@ def test_a_running_finetune_keeps_its_clock_while_kopf_stores_the_operator_s_own
         rt.wrote(KEY, finetune("7", "Running"))
         rt.wrote(KEY, pod("ft-worker-0", "8"))
         memo = kopf.Memo(runtime=rt)
-        # The watch delivers both versions; kopf runs the index functions ...
-        asyncio.run(handlers.finetunes_by_name(namespace="ml", name="ft", body=finetune("7", "Running"), memo=memo))
-        asyncio.run(handlers.worker_pods_by_finetune(namespace="ml", name="ft-worker-0", body=pod("ft-worker-0", "8"),
-                                                     labels={m.LABEL_FINETUNE: "ft"}, memo=memo))
-        # ... and before it stores their entries, a reconcile thread looks:
-        assert rt.latest.newest(KEY, finetunes[KEY][0])["status"]["phase"] == "Running"
-        assert [p["metadata"]["name"] for p in rt.recent_pods.with_indexed(KEY, [])] == ["ft-worker-0"]
+
+        def kopf_handles_the_events() -> None:
+            body = finetune("7", "Running")
+            entry = asyncio.run(handlers.finetunes_by_name(namespace="ml", name="ft", body=body, memo=memo))
+            finetunes.put(KEY, entry[KEY])
+            runtime.finetune_changed(rt, KEY, cache, body)
+            body = pod("ft-worker-0", "8")
+            labels = {m.LABEL_FINETUNE: "ft"}
+            entry = asyncio.run(handlers.worker_pods_by_finetune(namespace="ml", name="ft-worker-0", body=body,
+                                                                 labels=labels, memo=memo))
+            pods.put(KEY, entry[KEY])
+            runtime.worker_pod_changed(rt, KEY, body, cache)
+
+        finetunes.kopf, finetunes.at_read, finetunes.read_after = kopf_handles_the_events, at_read, when == "before"
         runtime.arm_clock(rt, KEY, cache)
         assert rt.queue._pending[KEY].why == "clock"
-        # kopf stores them and calls the event handlers: the operator's copies go, the index decides.
-        finetunes.put(KEY, runtime.finetune_entry(finetune("7", "Running")))
-        runtime.finetune_changed(rt, KEY, cache, finetune("7", "Running"))
-        assert rt.latest.newest(KEY, finetunes[KEY][0]) is finetunes[KEY][0]
-        assert rt.queue._pending[KEY].why == "clock"  # its own write: no reconcile asked for
-        runtime.worker_pod_changed(rt, KEY, pod("ft-worker-0", "8"), cache)
-        assert rt.recent_pods.with_indexed(KEY, []) == []
+        assert finetunes.at_read < 0  # kopf did run in between
+        finetune_seen, pods_seen, _ = runtime.observe(rt, KEY, cache)
+        assert finetune_seen["status"]["phase"] == "Running" and finetune_seen is finetunes[KEY][0]
+        assert [p["metadata"]["name"] for p in pods_seen] == ["ft-worker-0"]
+        # Once the index holds both, the operator's own copies are gone (memory: 1000s of FineTunes).
+        assert rt.latest._written == {} and rt.recent_pods._created == {}
+    finally:
+        rt.queue.shutdown()
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_created_pod_is_never_missing_however_kopf_and_a_reconcile_interleave(when):
+    rt = runtime.Runtime(kube=None, metrics=OperatorMetrics(CollectorRegistry()), options=Options(),
+                         scrapes=runtime.ScrapePool(1, 1.0))
+    try:
+        pods = Index()
+        rt.wrote(KEY, pod("ft-worker-0", "8"))
+
+        def kopf_handles_the_event() -> None:
+            pods.put(KEY, runtime.pod_entry(pod("ft-worker-0", "8")))
+            rt.recent_pods.seen(KEY, "ft-worker-0")  # what worker_pod_changed does first
+
+        pods.kopf, pods.read_after = kopf_handles_the_event, when == "before"
+        seen = rt.recent_pods.with_indexed(KEY, lambda: list(pods.get(KEY, ())))
+        assert [p["metadata"]["name"] for p in seen] == ["ft-worker-0"]
     finally:
         rt.queue.shutdown()
 
