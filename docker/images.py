@@ -234,7 +234,7 @@ def wheelhouse() -> Path:
 
 def _context_files() -> list[Path]:
     """What the Dockerfiles COPY (the .dockerignore'd context is the same files)."""
-    files = [REPO / "pyproject.toml", REPO / "README.md"]
+    files = [REPO / "pyproject.toml"]
     for root in ("trainer", "operator"):
         for path in sorted((REPO / root).rglob("*")):
             if path.is_file() and "__pycache__" not in path.parts and ".egg-info" not in str(path) \

@@ -15,7 +15,10 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Only what the wheel is built from (see .dockerignore); both package roots are needed because
 # setuptools discovers packages under trainer/ and operator/ (the operator reads model configs).
-COPY pyproject.toml README.md ./
+# pyproject.toml names README.md as the long description: a one-line stand-in keeps the README
+# (edited far more often than the code) out of the inputs, so a docs change rebuilds no image.
+COPY pyproject.toml ./
+RUN echo "FineTune Operator: see the project's README.md" > README.md
 COPY trainer/ trainer/
 COPY operator/ operator/
 # WHEELS: a directory of wheels mounted into the build (`make images` mounts this machine's

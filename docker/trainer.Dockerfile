@@ -18,7 +18,10 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# pyproject.toml names README.md as the long description: a one-line stand-in keeps the README
+# (edited far more often than the code) out of the inputs, so a docs change rebuilds no image.
+COPY pyproject.toml ./
+RUN echo "FineTune Operator: see the project's README.md" > README.md
 COPY trainer/ trainer/
 COPY operator/ operator/
 # WHEELS: a directory of wheels mounted into the build (`make images` mounts this machine's

@@ -160,7 +160,7 @@ def test_dockerignore_keeps_the_context_small():
                 if line.strip() and not line.startswith("#")}
     assert {".git", ".venv", "runs", ".pytest_cache", "tests"} <= patterns
     # What the images are built from must stay in the context.
-    for needed in ("pyproject.toml", "README.md", "trainer", "operator"):
+    for needed in ("pyproject.toml", "trainer", "operator"):
         assert needed not in patterns, needed
     for dockerfile in DOCKERFILES:
         copied = [source for keyword, args in instructions(dockerfile)
