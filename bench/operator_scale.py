@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"control plane up in {cp.startup_seconds:.1f}s")
     processes: list[Process] = []
     try:
-        kubeconfig = oh.install_crd_and_chart_rbac(cp)
+        kubeconfig = oh.install_crd_and_chart_rbac(cp, namespace_flag=False)  # the chart's --all-namespaces
         cp.kubectl("apply", "-f", str(CHART / "crds" / "kopf.dev_peerings.yaml"))  # as Helm installs crds/
         api = kubernetes.config.new_client_from_config(str(cp.kubeconfig))
         api.configuration.connection_pool_maxsize = 16

@@ -215,6 +215,9 @@ def test_cluster_mode_watches_all_namespaces(chart):
     args = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args == ["--all-namespaces"]
     assert not [obj for obj in objects if obj["kind"] in ("Role", "RoleBinding")]
+    # --all-namespaces never reads namespaces (test_rbac_audit_cluster shows what it does read).
+    assert not [rule for obj in objects if obj["kind"] == "ClusterRole" for rule in obj["rules"]
+                if "namespaces" in rule["resources"]]
     binding = one(objects, "ClusterRoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": f"{RELEASE}-finetune-operator"}
 

@@ -37,10 +37,6 @@ NOT_EXERCISED: dict[Use, str] = {
     ("get", "finetune.dev", "finetunes", ""):
         "read only after a write was refused because the operator's copy was stale: a race this "
         "scenario cannot force (test_operator_scale_cluster forces it by calling reconcile directly)",
-    **{(verb, "", "namespaces", ""):
-       "kopf follows namespaces only when started with --namespace (the chart's namespaced mode, and "
-       "the operator tests, which run the cluster-mode RBAC with --namespace); the chart's cluster "
-       "mode runs --all-namespaces" for verb in ("list", "watch")},
 }
 
 
@@ -81,7 +77,7 @@ def audited_cp(control_plane) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def chart_operator(audited_cp, tmp_path_factory) -> Iterator[subprocess.Popen]:
-    kubeconfig = install_crd_and_chart_rbac(audited_cp, values=VALUES)
+    kubeconfig = install_crd_and_chart_rbac(audited_cp, values=VALUES, namespace_flag=False)  # the chart's args
     install_pod_group_crds(audited_cp)
     audited_cp.kubectl("apply", "-f", str(CHART / "crds" / "kopf.dev_peerings.yaml"))  # as Helm installs crds/
     args, env = operator_command(render(VALUES))

@@ -41,8 +41,13 @@ def operator_command(objects: list[dict[str, Any]]) -> tuple[list[str], dict[str
 
 
 def install_crd_and_chart_rbac(cp, token_duration: str = "1h", values: dict[str, Any] | None = None,
-                               release: str = RELEASE) -> Path:
-    """CRD installed; the chart's ServiceAccount + (Cluster)Role(Binding)s; a token kubeconfig for it."""
+                               release: str = RELEASE, namespace_flag: bool = True) -> Path:
+    """CRD installed; the chart's ServiceAccount + (Cluster)Role(Binding)s; a token kubeconfig for it.
+
+    ``namespace_flag``: the operator will run with ``--namespace`` (the tests' operators, one
+    namespace each) under the chart's cluster-mode RBAC, which grants no namespace reads because
+    the chart runs it with ``--all-namespaces``; kopf reads namespaces for ``--namespace`` (and
+    retries a refusal for a minute), so a test-only ClusterRole adds list/watch on them."""
     cp.kubectl("apply", "-f", str(CRD))
     # Not `kubectl wait`: it fails at once while the new CRD has no conditions yet.
     wait_for(lambda: any(c["type"] == "Established" and c["status"] == "True"
@@ -51,8 +56,20 @@ def install_crd_and_chart_rbac(cp, token_duration: str = "1h", values: dict[str,
     cp.kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
     objects = [o for o in render(values, release) if o["kind"] in RBAC_KINDS]
     assert {o["kind"] for o in objects} >= {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+    if namespace_flag:
+        objects += namespace_reads(release, next(o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount"))
     cp.apply(objects, namespace=OPERATOR_NAMESPACE)
     account = next(o["metadata"]["name"] for o in objects if o["kind"] == "ServiceAccount")
     return cp.kubeconfig_for_token(cp.create_token(OPERATOR_NAMESPACE, account, duration=token_duration),
                                    name="finetune-operator")
 
+
+
+def namespace_reads(release: str, account: str) -> list[dict[str, Any]]:
+    """The test-only grant of install_crd_and_chart_rbac(namespace_flag=True)."""
+    name = f"{release}-test-namespace-reads"
+    return [{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
+             "rules": [{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}]},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+             "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": OPERATOR_NAMESPACE}]}]

@@ -185,9 +185,11 @@ Read-only.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
-# kopf follows namespaces to match its --namespace patterns (names only, read-only); kept in
-# cluster mode too, where an operator started with --namespace still needs it.
+{{- if include "finetune-operator.namespaced" . }}
+# kopf follows namespaces to match its --namespace patterns (names only, read-only). Not in
+# cluster mode: --all-namespaces never reads them.
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
+{{- end }}
 {{- end -}}
