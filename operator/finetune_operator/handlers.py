@@ -1,7 +1,8 @@
 """kopf wiring only: indexes of what the operator watches, and handlers that forward to ``runtime``.
 
 The indexes (kopf keeps them from its watches) are all the reconciler reads: a reconcile makes
-no GET or LIST, only the writes it decides on. Every function here is async and quick (an index
+no GET or LIST, only the writes it decides on. Services are not watched: a run's Service (and
+its other objects) are created with its first pods (see runtime.observe). Every function here is async and quick (an index
 entry, or a FineTune put on runtime's work queue): nothing in kopf's event loop or its thread
 pool waits on the API.
 """
@@ -15,8 +16,8 @@ import kopf
 from . import manifests as m
 from . import runtime
 
-# Pods and Services the operator made (also the server-side label selector of their watches,
-# set in main's startup handler).
+# Pods the operator made (also the server-side label selector of their watch, set in main's
+# startup handler).
 OWNED_LABELS = {m.LABEL_MANAGED_BY: m.MANAGED_BY, m.LABEL_FINETUNE: kopf.PRESENT}
 
 
@@ -35,14 +36,8 @@ async def worker_pods_by_finetune(namespace: str, labels: kopf.Labels, body: kop
     return {(namespace, labels[m.LABEL_FINETUNE]): runtime.pod_entry(body)}
 
 
-@kopf.index("", "v1", "services", labels=OWNED_LABELS)
-async def services_by_finetune(namespace: str, labels: kopf.Labels, **_: Any) -> dict[runtime.Key, bool]:
-    return {(namespace, labels[m.LABEL_FINETUNE]): True}
-
-
-def _cache(finetunes_by_name: kopf.Index, worker_pods_by_finetune: kopf.Index,
-           services_by_finetune: kopf.Index) -> runtime.Cache:
-    return runtime.Cache(finetunes_by_name, worker_pods_by_finetune, services_by_finetune)
+def _cache(finetunes_by_name: kopf.Index, worker_pods_by_finetune: kopf.Index) -> runtime.Cache:
+    return runtime.Cache(finetunes_by_name, worker_pods_by_finetune)
 
 
 # A plain event handler rather than kopf's create/update/resume handlers: those record their
@@ -52,9 +47,8 @@ def _cache(finetunes_by_name: kopf.Index, worker_pods_by_finetune: kopf.Index,
 # operator's own last write (see runtime.finetune_changed).
 @kopf.on.event(m.GROUP, m.VERSION, m.PLURAL)
 async def finetune_changed(type: str, namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,  # noqa: A002
-                     finetunes_by_name: kopf.Index, worker_pods_by_finetune: kopf.Index,
-                     services_by_finetune: kopf.Index, **_: Any) -> None:
-    cache = _cache(finetunes_by_name, worker_pods_by_finetune, services_by_finetune)
+                     finetunes_by_name: kopf.Index, worker_pods_by_finetune: kopf.Index, **_: Any) -> None:
+    cache = _cache(finetunes_by_name, worker_pods_by_finetune)
     if type == "DELETED":
         # No finalizer: the pods and Service go by garbage collection, and what the operator
         # keeps per FineTune (metrics, copies, its clock in the work queue) goes once it is gone.
@@ -65,7 +59,6 @@ async def finetune_changed(type: str, namespace: str, name: str, body: kopf.Body
 
 @kopf.on.event("", "v1", "pods", labels=OWNED_LABELS)
 async def worker_pod_event(namespace: str, labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo,
-                     finetunes_by_name: kopf.Index, worker_pods_by_finetune: kopf.Index,
-                     services_by_finetune: kopf.Index, **_: Any) -> None:
-    cache = _cache(finetunes_by_name, worker_pods_by_finetune, services_by_finetune)
+                     finetunes_by_name: kopf.Index, worker_pods_by_finetune: kopf.Index, **_: Any) -> None:
+    cache = _cache(finetunes_by_name, worker_pods_by_finetune)
     runtime.worker_pod_changed(memo.runtime, (namespace, labels[m.LABEL_FINETUNE]), body, cache)

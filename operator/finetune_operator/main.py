@@ -126,9 +126,8 @@ def configure_operator(settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     settings.watching.server_timeout = options.server_timeout
     settings.watching.client_timeout = options.server_timeout + 30
     settings.watching.connect_timeout = 30
-    # Only the operator's own pods and Services reach it (filtered by the apiserver, not here).
-    for plural in ("pods", "services"):
-        settings.watching.label_selectors["", "v1", plural] = OWNED_SELECTOR
+    # Only the operator's own pods reach it (filtered by the apiserver, not here).
+    settings.watching.label_selectors["", "v1", "pods"] = OWNED_SELECTOR
     settings.posting.level = logging.getLevelName(options.posting_level.upper())
     # A second replica with the same peering name stays on standby (if the peering CRD exists;
     # --peering makes it mandatory, --standalone turns it off).

@@ -353,7 +353,6 @@ class Cache:
 
     finetunes: Mapping[Key, Any]
     worker_pods: Mapping[Key, Any]
-    services: Mapping[Key, Any]
 
     def finetune(self, key: Key) -> dict[str, Any] | None:
         return next(iter(self.finetunes.get(key, ())), None)
@@ -361,18 +360,21 @@ class Cache:
     def pods(self, key: Key) -> list[dict[str, Any]]:
         return list(self.worker_pods.get(key, ()))
 
-    def has_service(self, key: Key) -> bool:
-        return key in self.services
-
 
 def observe(rt: Runtime, key: Key, cache: Cache) -> tuple[dict[str, Any] | None, list[dict[str, Any]], bool]:
     """The FineTune, its worker pods and whether its Service exists, as the newest of the
-    indexes and this operator's own writes say (None for a FineTune gone from the index)."""
+    indexes and this operator's own writes say (None for a FineTune gone from the index).
+
+    The Service is taken to exist while any worker pod does: a plan creates the run's Service
+    (and NetworkPolicy, PodGroup, PDB) before its pods, so with no pod left it creates them again
+    with the next pods, the apiserver answering "already exists" for those still there. Not
+    watching Services spares kopf an event and an object per FineTune (a burst of 200 and 1000
+    idle FineTunes: bench/results/operator-scale.md)."""
     if cache.finetune(key) is None:
         return None, [], False
     finetune = rt.latest.newest(key, lambda: cache.finetune(key))
     pods = rt.recent_pods.with_indexed(key, lambda: cache.pods(key))
-    return finetune, pods, cache.has_service(key)
+    return finetune, pods, bool(pods)
 
 
 # --- what the indexes keep: only the fields the reconciler reads -----------------------------------------

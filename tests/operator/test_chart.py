@@ -65,7 +65,7 @@ ALLOWED_VERBS = {
     ("finetune.dev", "finetunes"): {"get", "list", "watch", "delete"},
     ("finetune.dev", "finetunes/status"): {"patch"},
     ("", "pods"): {"list", "watch", "create", "delete", "patch"},
-    ("", "services"): {"list", "watch", "create"},
+    ("", "services"): {"create"},
     ("", "configmaps"): {"get"},
     ("", "events"): {"create"},
     ("networking.k8s.io", "networkpolicies"): {"create"},

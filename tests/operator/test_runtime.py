@@ -96,7 +96,7 @@ def test_a_running_finetune_keeps_its_clock_however_kopf_and_a_reconcile_interle
                          scrapes=runtime.ScrapePool(1, 1.0))
     try:
         finetunes, pods = Index(), Index()
-        cache = runtime.Cache(finetunes, pods, {})
+        cache = runtime.Cache(finetunes, pods)
         finetunes.put(KEY, runtime.finetune_entry(finetune("6", "Pending")))
         rt.wrote(KEY, finetune("7", "Running"))
         rt.wrote(KEY, pod("ft-worker-0", "8"))
@@ -152,7 +152,7 @@ def test_a_reconcile_that_raises_is_retried_so_the_finetune_keeps_its_clock():
     try:
         finetunes = Index()
         finetunes.put(KEY, {"metadata": {"resourceVersion": "1"}})  # no spec: plan() fails on it
-        runtime.reconcile_queued(rt, KEY, "clock", runtime.Cache(finetunes, {}, {}))
+        runtime.reconcile_queued(rt, KEY, "clock", runtime.Cache(finetunes, {}))
         assert rt.queue._pending[KEY].why == "retry"
         assert rt.queue._pending[KEY].due > time.monotonic() + 50
     finally:
@@ -269,3 +269,25 @@ def test_a_new_finetune_goes_before_status_refreshes_that_are_due():
         assert [key[1] for key, _ in recorder.calls] == ["busy", "also-new", "new", "refresh"]
     finally:
         queue.shutdown()
+
+
+def test_a_run_s_service_is_taken_to_exist_while_any_of_its_pods_does():
+    """Services are not watched: with no pod of the FineTune left, the plan creates the Service
+    (and the run's other objects) again with the next pods; the apiserver answers "already
+    exists" for those still there."""
+    rt = runtime.Runtime(kube=None, metrics=OperatorMetrics(CollectorRegistry()), options=Options(),
+                         scrapes=runtime.ScrapePool(1, 1.0))
+    try:
+        finetunes, pods = Index(), Index()
+        finetunes.put(KEY, runtime.finetune_entry(finetune("6", "Pending")))
+        cache = runtime.Cache(finetunes, pods)
+        assert runtime.observe(rt, KEY, cache)[2] is False
+        rt.wrote(KEY, pod("ft-worker-0", "8"))  # created, not yet delivered by the watch
+        assert runtime.observe(rt, KEY, cache)[2] is True
+        rt.recent_pods.forget(KEY)
+        pods.put(KEY, runtime.pod_entry(pod("ft-worker-0", "8")))
+        assert runtime.observe(rt, KEY, cache)[2] is True
+        del pods[KEY]
+        assert runtime.observe(rt, KEY, cache)[2] is False
+    finally:
+        rt.queue.shutdown()

@@ -136,11 +136,11 @@ operator makes; nothing is "*".
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch", "create", "delete", "patch"]
-# Headless Service per FineTune so workers find the rendezvous host (worker 0); watched by
-# label, removed by garbage collection with its FineTune.
+# Headless Service per FineTune so workers find the rendezvous host (worker 0); created with
+# the first pods (never read), removed by garbage collection with its FineTune.
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["list", "watch", "create"]
+  verbs: ["create"]
 {{- if .Values.networkPolicy.enabled }}
 # networkPolicy.enabled: one NetworkPolicy per FineTune, created before its Service (never read).
 - apiGroups: ["networking.k8s.io"]
