@@ -69,15 +69,19 @@ class WorkQueue:
     while it runs, it is queued again for after), and may be asked for after a delay (pod events
     wait a moment for their siblings; API trouble waits the retry delay). Urgent work (a new or
     changed FineTune: someone waits for its pods) goes before the rest that is due (status
-    refreshes after pod events, clocks), so a burst of new FineTunes gets its pods first and
-    their status follows. kopf's handlers only enqueue, so none of kopf's threads ever waits on
+    refreshes after pod events, clocks), and the rest waits while urgent work runs, for at most
+    ``yield_seconds`` past its due time: in a burst of new FineTunes every thread creates pods
+    and the status writes come after (the apiserver is the shared bottleneck, so a status write
+    beside a creation slows it down). kopf's handlers only enqueue, so none of kopf's threads ever waits on
     the API. Each reconcile runs in the context of the handler that queued it (contextvars:
     kopf's event poster lives there)."""
 
     def __init__(self, process: "Callable[[Key, str, Cache], None]", workers: int,
-                 depth: "Callable[[int], None] | None" = None):
+                 depth: "Callable[[int], None] | None" = None, yield_seconds: float = 5.0):
         self._process = process
         self._depth = depth or (lambda _: None)
+        self._yield_seconds = yield_seconds
+        self._active_urgent = 0
         self._cond = threading.Condition()
         self._pending: dict[Key, _Item] = {}
         # (due, order, key, item) by urgency; entries whose item is no longer pending are skipped.
@@ -117,16 +121,20 @@ class WorkQueue:
                     while heap and self._pending.get(heap[0][2]) is not heap[0][3]:
                         heapq.heappop(heap)  # superseded
                 now = time.monotonic()
-                for urgent in (True, False):
-                    heap = self._heaps[urgent]
-                    if heap and heap[0][0] <= now:
+                urgent_heap, other_heap = self._heaps[True], self._heaps[False]
+                # Other work yields to urgent work that is running or due, for at most yield_seconds.
+                other_from = other_heap[0][0] + (self._yield_seconds if self._active_urgent else 0.0) \
+                    if other_heap else None
+                for heap, due in ((urgent_heap, urgent_heap[0][0] if urgent_heap else None), (other_heap, other_from)):
+                    if due is not None and due <= now:
                         _, _, key, item = heapq.heappop(heap)
                         del self._pending[key]
                         self._active.add(key)
+                        self._active_urgent += item.urgent
                         self._depth(len(self._pending))
                         return key, item
-                tops = [heap[0][0] for heap in self._heaps.values() if heap]
-                self._cond.wait(min(tops) - now if tops else None)
+                dues = [due for due in (urgent_heap[0][0] if urgent_heap else None, other_from) if due is not None]
+                self._cond.wait(min(dues) - now if dues else None)  # (an urgent reconcile's end notifies too)
             return None
 
     def _work(self) -> None:
@@ -139,6 +147,9 @@ class WorkQueue:
             finally:
                 with self._cond:
                     self._active.discard(key)
+                    if item.urgent:
+                        self._active_urgent -= 1
+                        self._cond.notify_all()  # other work may go now
                     again = self._again.pop(key, None)
                     if again is not None:
                         self._push(key, again)

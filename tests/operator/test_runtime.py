@@ -291,3 +291,30 @@ def test_a_run_s_service_is_taken_to_exist_while_any_of_its_pods_does():
         assert runtime.observe(rt, KEY, cache)[2] is False
     finally:
         rt.queue.shutdown()
+
+
+def test_status_refreshes_wait_while_new_finetunes_are_reconciled_but_not_for_ever():
+    recorder = Recorder()
+    queue = runtime.WorkQueue(recorder, workers=2, yield_seconds=30)
+    try:
+        recorder.release.clear()
+        queue.add(("ml", "new"), "finetune-event", None, urgent=True)
+        assert recorder.running.wait(5)
+        queue.add(("ml", "refresh"), "pod-event", None)
+        time.sleep(0.3)
+        assert recorder.calls == [(("ml", "new"), "finetune-event")]  # a thread is free, yet it waits
+        recorder.release.set()
+        assert wait_for(lambda: len(recorder.calls) == 2, "the refresh after the new FineTune", timeout=5)
+    finally:
+        queue.shutdown()
+    recorder = Recorder()
+    queue = runtime.WorkQueue(recorder, workers=2, yield_seconds=0.3)
+    try:
+        recorder.release.clear()
+        queue.add(("ml", "new"), "finetune-event", None, urgent=True)
+        assert recorder.running.wait(5)
+        queue.add(("ml", "refresh"), "pod-event", None)
+        assert wait_for(lambda: len(recorder.calls) == 2, "the refresh while the new one still runs", timeout=5)
+    finally:
+        recorder.release.set()
+        queue.shutdown()
