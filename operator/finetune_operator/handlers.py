@@ -2,9 +2,9 @@
 
 The indexes (kopf keeps them from its watches) are all the reconciler reads: a reconcile makes
 no GET or LIST, only the writes it decides on. Services are not watched: a run's Service (and
-its other objects) are created with its first pods (see runtime.observe). Every function here is async and quick (an index
-entry, or a FineTune put on runtime's work queue): nothing in kopf's event loop or its thread
-pool waits on the API.
+its other objects) are created with its first pods (see runtime.observe). Every function here
+is async and quick (an index entry, or a FineTune put on runtime's work queue): nothing in
+kopf's event loop or its thread pool waits on the API.
 """
 
 from __future__ import annotations

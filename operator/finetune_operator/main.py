@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     kopf.configure(verbose=args.verbose, debug=args.debug)
     if not (args.verbose or args.debug):
         # kopf logs "Handler ... succeeded." at INFO for every handler call, i.e. for every
-        # watch event of every FineTune, pod and Service: a tenth of its event loop in a burst.
+        # watch event of every FineTune and pod: a tenth of its event loop in a burst.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     kopf.run(
         clusterwide=not args.namespace,

@@ -72,9 +72,9 @@ class WorkQueue:
     refreshes after pod events, clocks), and the rest waits while urgent work runs, for at most
     ``yield_seconds`` past its due time: in a burst of new FineTunes every thread creates pods
     and the status writes come after (the apiserver is the shared bottleneck, so a status write
-    beside a creation slows it down). kopf's handlers only enqueue, so none of kopf's threads ever waits on
-    the API. Each reconcile runs in the context of the handler that queued it (contextvars:
-    kopf's event poster lives there)."""
+    beside a creation slows it down). kopf's handlers only enqueue, so none of kopf's threads
+    ever waits on the API. Each reconcile runs in the context of the handler that queued it
+    (contextvars: kopf's event poster lives there)."""
 
     def __init__(self, process: "Callable[[Key, str, Cache], None]", workers: int,
                  depth: "Callable[[int], None] | None" = None, yield_seconds: float = 5.0):
@@ -379,8 +379,8 @@ def observe(rt: Runtime, key: Key, cache: Cache) -> tuple[dict[str, Any] | None,
     The Service is taken to exist while any worker pod does: a plan creates the run's Service
     (and NetworkPolicy, PodGroup, PDB) before its pods, so with no pod left it creates them again
     with the next pods, the apiserver answering "already exists" for those still there. Not
-    watching Services spares kopf an event and an object per FineTune (a burst of 200 and 1000
-    idle FineTunes: bench/results/operator-scale.md)."""
+    watching Services spares kopf an event and an object per FineTune (measured with 200 new and
+    1000 idle FineTunes: bench/results/README.md)."""
     if cache.finetune(key) is None:
         return None, [], False
     finetune = rt.latest.newest(key, lambda: cache.finetune(key))
