@@ -121,20 +121,21 @@ class WorkQueue:
                     while heap and self._pending.get(heap[0][2]) is not heap[0][3]:
                         heapq.heappop(heap)  # superseded
                 now = time.monotonic()
-                urgent_heap, other_heap = self._heaps[True], self._heaps[False]
-                # Other work yields to urgent work that is running or due, for at most yield_seconds.
-                other_from = other_heap[0][0] + (self._yield_seconds if self._active_urgent else 0.0) \
-                    if other_heap else None
-                for heap, due in ((urgent_heap, urgent_heap[0][0] if urgent_heap else None), (other_heap, other_from)):
-                    if due is not None and due <= now:
+                # When each heap's first entry may start: other work waits while urgent work
+                # runs, for at most yield_seconds past its due time. Urgent work goes first.
+                starts = [(self._heaps[urgent], self._heaps[urgent][0][0] + delay)
+                          for urgent, delay in ((True, 0.0), (False, self._yield_seconds if self._active_urgent else 0.0))
+                          if self._heaps[urgent]]
+                for heap, start in starts:
+                    if start <= now:
                         _, _, key, item = heapq.heappop(heap)
                         del self._pending[key]
                         self._active.add(key)
                         self._active_urgent += item.urgent
                         self._depth(len(self._pending))
                         return key, item
-                dues = [due for due in (urgent_heap[0][0] if urgent_heap else None, other_from) if due is not None]
-                self._cond.wait(min(dues) - now if dues else None)  # (an urgent reconcile's end notifies too)
+                # (An urgent reconcile's end notifies too: other work may start then.)
+                self._cond.wait(min(start for _, start in starts) - now if starts else None)
             return None
 
     def _work(self) -> None:

@@ -4,6 +4,7 @@ caught up, and which events it need not reconcile) and its work queue."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import threading
 import time
@@ -30,6 +31,17 @@ def finetune(version: str, phase: str) -> dict:
 def pod(name: str, version: str) -> dict:
     return {"kind": "Pod", "metadata": {"name": name, "uid": f"uid-{name}", "resourceVersion": version},
             "spec": {}, "status": {"phase": "Pending"}}
+
+
+@contextlib.contextmanager
+def operator_runtime(**options):
+    """A Runtime as main's startup handler builds it (no API client: these tests make no calls)."""
+    rt = runtime.Runtime(kube=None, metrics=OperatorMetrics(CollectorRegistry()), options=Options(**options),
+                         scrapes=runtime.ScrapePool(1, 1.0))
+    try:
+        yield rt
+    finally:
+        rt.queue.shutdown()
 
 
 def test_a_written_copy_is_planned_from_until_the_watch_delivers_its_version():
@@ -92,9 +104,7 @@ def test_a_running_finetune_keeps_its_clock_however_kopf_and_a_reconcile_interle
     handlers, in its own thread. Wherever that falls in the reconcile thread's reads, it must
     see Running (and the pod it created), or no clock is armed and the FineTune's status stops
     following the trainer (the 1-in-4 hostile-scrape stall of 2026-12-02)."""
-    rt = runtime.Runtime(kube=None, metrics=OperatorMetrics(CollectorRegistry()), options=Options(poll_interval=60),
-                         scrapes=runtime.ScrapePool(1, 1.0))
-    try:
+    with operator_runtime(poll_interval=60) as rt:
         finetunes, pods = Index(), Index()
         cache = runtime.Cache(finetunes, pods)
         finetunes.put(KEY, runtime.finetune_entry(finetune("6", "Pending")))
@@ -123,15 +133,11 @@ def test_a_running_finetune_keeps_its_clock_however_kopf_and_a_reconcile_interle
         assert [p["metadata"]["name"] for p in pods_seen] == ["ft-worker-0"]
         # Once the index holds both, the operator's own copies are gone (memory: 1000s of FineTunes).
         assert rt.latest._written == {} and rt.recent_pods._created == {}
-    finally:
-        rt.queue.shutdown()
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_a_created_pod_is_never_missing_however_kopf_and_a_reconcile_interleave(when):
-    rt = runtime.Runtime(kube=None, metrics=OperatorMetrics(CollectorRegistry()), options=Options(),
-                         scrapes=runtime.ScrapePool(1, 1.0))
-    try:
+    with operator_runtime() as rt:
         pods = Index()
         rt.wrote(KEY, pod("ft-worker-0", "8"))
 
@@ -142,21 +148,15 @@ def test_a_created_pod_is_never_missing_however_kopf_and_a_reconcile_interleave(
         pods.kopf, pods.read_after = kopf_handles_the_event, when == "before"
         seen = rt.recent_pods.with_indexed(KEY, lambda: list(pods.get(KEY, ())))
         assert [p["metadata"]["name"] for p in seen] == ["ft-worker-0"]
-    finally:
-        rt.queue.shutdown()
 
 
 def test_a_reconcile_that_raises_is_retried_so_the_finetune_keeps_its_clock():
-    rt = runtime.Runtime(kube=None, metrics=OperatorMetrics(CollectorRegistry()),
-                         options=Options(retry_delay=60), scrapes=runtime.ScrapePool(1, 1.0))
-    try:
+    with operator_runtime(retry_delay=60) as rt:
         finetunes = Index()
         finetunes.put(KEY, {"metadata": {"resourceVersion": "1"}})  # no spec: plan() fails on it
         runtime.reconcile_queued(rt, KEY, "clock", runtime.Cache(finetunes, {}))
         assert rt.queue._pending[KEY].why == "retry"
         assert rt.queue._pending[KEY].due > time.monotonic() + 50
-    finally:
-        rt.queue.shutdown()
 
 
 # --- the work queue -----------------------------------------------------------------------------------
@@ -275,9 +275,7 @@ def test_a_run_s_service_is_taken_to_exist_while_any_of_its_pods_does():
     """Services are not watched: with no pod of the FineTune left, the plan creates the Service
     (and the run's other objects) again with the next pods; the apiserver answers "already
     exists" for those still there."""
-    rt = runtime.Runtime(kube=None, metrics=OperatorMetrics(CollectorRegistry()), options=Options(),
-                         scrapes=runtime.ScrapePool(1, 1.0))
-    try:
+    with operator_runtime() as rt:
         finetunes, pods = Index(), Index()
         finetunes.put(KEY, runtime.finetune_entry(finetune("6", "Pending")))
         cache = runtime.Cache(finetunes, pods)
@@ -289,32 +287,29 @@ def test_a_run_s_service_is_taken_to_exist_while_any_of_its_pods_does():
         assert runtime.observe(rt, KEY, cache)[2] is True
         del pods[KEY]
         assert runtime.observe(rt, KEY, cache)[2] is False
-    finally:
-        rt.queue.shutdown()
 
 
-def test_status_refreshes_wait_while_new_finetunes_are_reconciled_but_not_for_ever():
+@contextlib.contextmanager
+def a_refresh_behind_a_running_new_finetune(yield_seconds: float):
+    """Two threads: one reconciles a new FineTune (held until released), a status refresh is due."""
     recorder = Recorder()
-    queue = runtime.WorkQueue(recorder, workers=2, yield_seconds=30)
+    queue = runtime.WorkQueue(recorder, workers=2, yield_seconds=yield_seconds)
     try:
         recorder.release.clear()
         queue.add(("ml", "new"), "finetune-event", None, urgent=True)
         assert recorder.running.wait(5)
         queue.add(("ml", "refresh"), "pod-event", None)
+        yield recorder
+    finally:
+        recorder.release.set()
+        queue.shutdown()
+
+
+def test_status_refreshes_wait_while_new_finetunes_are_reconciled_but_not_for_ever():
+    with a_refresh_behind_a_running_new_finetune(yield_seconds=30) as recorder:
         time.sleep(0.3)
         assert recorder.calls == [(("ml", "new"), "finetune-event")]  # a thread is free, yet it waits
         recorder.release.set()
         assert wait_for(lambda: len(recorder.calls) == 2, "the refresh after the new FineTune", timeout=5)
-    finally:
-        queue.shutdown()
-    recorder = Recorder()
-    queue = runtime.WorkQueue(recorder, workers=2, yield_seconds=0.3)
-    try:
-        recorder.release.clear()
-        queue.add(("ml", "new"), "finetune-event", None, urgent=True)
-        assert recorder.running.wait(5)
-        queue.add(("ml", "refresh"), "pod-event", None)
+    with a_refresh_behind_a_running_new_finetune(yield_seconds=0.3) as recorder:
         assert wait_for(lambda: len(recorder.calls) == 2, "the refresh while the new one still runs", timeout=5)
-    finally:
-        recorder.release.set()
-        queue.shutdown()
