@@ -20,8 +20,10 @@ of a FineTune is from the benchmark's own watch seeing it ADDED to its watch see
 its pods ADDED; a round's ratio is the FineTune operator's p99 over the minimal's, and the
 target is judged on the median of the rounds' ratios (one burst's p99 spreads by a third
 between runs on a 2-core machine). Then a fresh FineTune operator gets ``--idle`` FineTunes
-(Pending, no node) and, once its work queue has drained, is left alone for ``--idle-seconds``:
-the requests it makes then (audit log; watches excluded), and its peak RSS.
+(Pending, no node) in bursts of ``--finetunes`` and, once its work queue has drained, is left
+alone for ``--idle-seconds``: the requests it makes then (audit log; watches excluded), and its
+peak RSS; and the same again for an operator restarted over those FineTunes (kopf lists them
+all at once, the largest burst it sees).
 
 Writes bench/results/operator-scale.{json,md} and appends a row to bench/results/README.md.
 """
@@ -138,15 +140,23 @@ class Process:
                 time.sleep(0.2)
         raise RuntimeError(f"the operator did not become live: {self.log.read_text()[-3000:]}")
 
-    def queue_depth(self) -> float | None:
-        """The FineTune operator's work queue (None: no such metric, e.g. the minimal operator)."""
+    def _metrics(self) -> list[str]:
         try:
             with urllib.request.urlopen(self.metrics, timeout=5) as response:
-                text = response.read().decode()
+                return response.read().decode().splitlines()
         except OSError:
-            return None
-        return next((float(line.split()[-1]) for line in text.splitlines()
+            return []
+
+    def queue_depth(self) -> float | None:
+        """The FineTune operator's work queue (None: no such metric, e.g. the minimal operator)."""
+        return next((float(line.split()[-1]) for line in self._metrics()
                      if line.startswith("finetune_operator_work_queue_depth ")), None)
+
+    def reconciles(self, handler: str) -> float:
+        """How many reconciles the FineTune operator ran, asked for by ``handler`` (e.g. finetune-event)."""
+        return sum(float(line.split()[-1]) for line in self._metrics()
+                   if line.startswith("finetune_operator_reconcile_duration_seconds_count")
+                   and f'handler="{handler}"' in line)
 
     def stop(self) -> None:
         self._stop.set()
@@ -296,12 +306,13 @@ def burst(cp, api, process: Process, namespace: str, count: int, timeout: float)
     return result
 
 
-def delete_namespace(cp, namespace: str) -> None:
-    # The objects first, then the namespace: the namespace controller alone took minutes for a
-    # burst's 800 objects (it backs off while content remains).
+def delete_namespace(cp, api: kubernetes.client.ApiClient, namespace: str) -> None:
+    # The FineTunes and pods in one request each, then the namespace (and its Services); kubectl
+    # deleting the objects one by one and waiting for each took minutes.
     started = time.monotonic()
-    cp.kubectl("-n", namespace, "delete", "finetunes,pods,services", "--all", "--wait=true", "--timeout=300s",
-               timeout=320)
+    kubernetes.client.CustomObjectsApi(api).delete_collection_namespaced_custom_object(
+        "finetune.dev", "v1alpha1", namespace, "finetunes")
+    kubernetes.client.CoreV1Api(api).delete_collection_namespaced_pod(namespace)
     cp.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=300s", timeout=320)
     say(f"  deleted namespace {namespace} in {time.monotonic() - started:.0f}s")
 
@@ -367,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             process.stop()
             if which == "minimal":
                 cp.kubectl("delete", "-f", "-", input=json.dumps(BASELINE_EXTRA_RBAC))
-            delete_namespace(cp, namespace)
+            delete_namespace(cp, api, namespace)
             return result
 
         # Rounds, each a burst of both, the order alternating: whichever goes first has a fresher
@@ -383,9 +394,14 @@ def main(argv: list[str] | None = None) -> int:
             say(f"  round {round_}: p99 ratio {bursts['p99_ratio']}")
 
         if args.idle:
-            say(f"idle: {args.idle} FineTunes on a fresh FineTune operator")
+            say(f"idle: {args.idle} FineTunes, arriving in bursts of {args.finetunes}, on a fresh FineTune operator")
             operator = start_operator("operator-idle")
-            results["idle"] = idle_phase(cp, api, operator, args)
+            create_idle_finetunes(cp, api, args)
+            results["idle"] = idle_phase(cp, operator, args)
+            operator.stop()
+            say(f"idle: the operator restarted over the {args.idle} FineTunes")
+            operator = start_operator("operator-restarted")
+            results["idle_after_restart"] = idle_phase(cp, operator, args)
             operator.stop()
         results["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
         summarise(results)
@@ -398,23 +414,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def idle_phase(cp, api, operator: Process, args: argparse.Namespace) -> dict[str, Any]:
-    """``args.idle`` FineTunes (Pending, no node), then the operator left alone for
-    ``args.idle_seconds``: the requests it makes (watches excluded) and its peak RSS."""
+def create_idle_finetunes(cp, api, args: argparse.Namespace) -> None:
+    """``args.idle`` FineTunes (Pending: no node), created in bursts of ``args.finetunes`` as
+    runs arrive in a queue, each burst once the one before has its pods."""
     cp.kubectl("create", "namespace", "scale-idle")
     watch = Watch(api, "scale-idle")
     names = [f"idle-{i:04d}" for i in range(args.idle)]
-    create_finetunes(api, "scale-idle", names)
-    if not wait_until(lambda: watch.complete(names) == args.idle, args.timeout):
-        say(f"  only {watch.complete(names)} of {args.idle} got their pods within {args.timeout}s")
+    for start in range(0, args.idle, args.finetunes):
+        create_finetunes(api, "scale-idle", names[start:start + args.finetunes])
+        if not wait_until(lambda: watch.complete(names[:start + args.finetunes]) == min(args.idle, start + args.finetunes),
+                          args.timeout):
+            say(f"  only {watch.complete(names)} of {args.idle} got their pods within {args.timeout}s")
     watch.stop()
-    # Let the creation's aftermath (status patches, events) pass: the operator's work queue
-    # empty for 10 s in a row (at most 5 minutes), then measure quiet.
+
+
+def idle_phase(cp, operator: Process, args: argparse.Namespace) -> dict[str, Any]:
+    """The operator left alone for ``args.idle_seconds`` with the idle FineTunes: the requests it
+    makes (watches excluded) and its peak RSS."""
+    # Let the aftermath of the creation (or of a restart's first look at every FineTune) pass:
+    # the operator's work queue empty for 15 s in a row (at most 5 minutes; after a burst the
+    # operator frees memory 10 s after its queue drained, see runtime.FreeMemory), then measure.
     drained_from, waited_from = None, time.monotonic()
+    # (After a restart the queue is empty until kopf has listed and indexed everything: first
+    # wait until the operator has looked at every FineTune.)
+    wait_until(lambda: operator.reconciles("finetune-event") >= args.idle, 300, 1)
     while time.monotonic() - waited_from < 300:
         depth = operator.queue_depth()
         drained_from = (drained_from or time.monotonic()) if depth == 0 else None
-        if drained_from and time.monotonic() - drained_from >= 10:
+        if drained_from and time.monotonic() - drained_from >= 15:
             break
         time.sleep(1)
     wait_seconds = round(time.monotonic() - waited_from, 1)
@@ -458,9 +485,10 @@ def summarise(r: dict[str, Any]) -> None:
         "p99_ratio_median_le_1.5": bool(r["p99_ratio_median"] and r["p99_ratio_median"] <= P99_TARGET_RATIO),
         "all_bursts_complete": all(b[w]["all_complete"] for b in r["rounds"] for w in ("minimal", "operator")),
     }
-    if "idle" in r:
-        r["targets"]["idle_requests_per_second_le_1"] = r["idle"]["requests_per_second"] <= IDLE_REQUESTS_PER_SECOND_TARGET
-        r["targets"]["idle_rss_le_150_mib"] = r["idle"]["peak_rss_mib"] <= IDLE_RSS_TARGET_MIB
+    for phase in ("idle", "idle_after_restart"):
+        if phase in r:
+            r["targets"][f"{phase}_requests_per_second_le_1"] = r[phase]["requests_per_second"] <= IDLE_REQUESTS_PER_SECOND_TARGET
+            r["targets"][f"{phase}_rss_le_150_mib"] = r[phase]["peak_rss_mib"] <= IDLE_RSS_TARGET_MIB
 
 
 def write_results(args: argparse.Namespace, r: dict[str, Any]) -> None:
@@ -490,15 +518,18 @@ def write_results(args: argparse.Namespace, r: dict[str, Any]) -> None:
         f"ratio of the median p99s ({r['p99_median_s']['operator']} / {r['p99_median_s']['minimal']} s) "
         f"{r['p99_ratio_of_medians']}.", "",
     ]
-    if idle:
+    for phase, what in (("idle", f"created in bursts of {r['finetunes']} on a fresh operator"),
+                        ("idle_after_restart", "the operator restarted over them")):
+        v = r.get(phase)
+        if not v:
+            continue
         lines += [
-            f"Idle: {idle['finetunes']} FineTunes {idle['phases']}, {idle['seconds']} s: **{idle['requests_per_second']} "
-            f"requests/s** beyond watches (target <= {IDLE_REQUESTS_PER_SECOND_TARGET}), peak RSS **{idle['peak_rss_mib']} MiB** "
-            f"(target <= {IDLE_RSS_TARGET_MIB}; whole run {idle['peak_rss_whole_run_mib']} MiB). Measured after the "
-            f"operator's work queue had been empty for 10 s ({idle['wait_seconds']} s after the last pods); "
-            f"requests per 10 s of the window: {idle['requests_per_10s']}.", "",
-            "Requests by verb (idle window):", "",
-            *(f"- `{k}`: {n}" for k, n in idle["api_requests_by_verb"].items()), "",
+            f"Idle, {what}: {v['finetunes']} FineTunes {v['phases']}, {v['seconds']} s: **{v['requests_per_second']} "
+            f"requests/s** beyond watches (target <= {IDLE_REQUESTS_PER_SECOND_TARGET}), peak RSS **{v['peak_rss_mib']} MiB** "
+            f"(target <= {IDLE_RSS_TARGET_MIB}; whole run {v['peak_rss_whole_run_mib']} MiB). Measured after the "
+            f"operator's work queue had been empty for 15 s ({v['wait_seconds']} s after the last pods or the start); "
+            f"requests per 10 s of the window: {v['requests_per_10s']}; by verb: "
+            + (", ".join(f"`{k}` {n}" for k, n in v["api_requests_by_verb"].items()) or "none") + ".", "",
         ]
     lines += ["Requests by verb (the first round's bursts):", ""]
     for which in ("minimal", "operator"):
@@ -522,7 +553,10 @@ def write_results(args: argparse.Namespace, r: dict[str, Any]) -> None:
                f"{median['operator'][0]} / {median['operator'][1]} (medians) | "
                f"median {r['p99_ratio_median']} ({ratios}) | {r['rounds'][0]['minimal']['api_requests']} / "
                f"{r['rounds'][0]['operator']['api_requests']} | "
-               + (f"{idle['finetunes']} | {idle['requests_per_second']} | {idle['peak_rss_mib']} |" if idle else "- | - | - |"))
+               + (f"{idle['finetunes']} | {idle['requests_per_second']} | {idle['peak_rss_mib']}"
+                  + (f" (restarted: {r['idle_after_restart']['requests_per_second']} req/s, "
+                     f"{r['idle_after_restart']['peak_rss_mib']} MiB)" if r.get("idle_after_restart") else "") + " |"
+                  if idle else "- | - | - |"))
         # Right after the table's last row (other sections may follow it).
         lines = text.rstrip("\n").split("\n")
         at = next(i for i, line in enumerate(lines) if line == header)

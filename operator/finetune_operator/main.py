@@ -169,6 +169,7 @@ def platform_settings(options: Options) -> manifests.PlatformSettings:
 def stop_scraping(memo: kopf.Memo, **_: Any) -> None:
     if "runtime" in memo:
         memo.runtime.queue.shutdown()
+        memo.runtime.free_memory.cancel()
         memo.runtime.scrapes.shutdown()
 
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextvars
+import ctypes
 import dataclasses
 import datetime as dt
+import functools
+import gc
 import heapq
 import logging
 import threading
@@ -76,10 +79,14 @@ class WorkQueue:
     ever waits on the API. Each reconcile runs in the context of the handler that queued it
     (contextvars: kopf's event poster lives there)."""
 
-    def __init__(self, process: "Callable[[Key, str, Cache], None]", workers: int,
-                 depth: "Callable[[int], None] | None" = None, yield_seconds: float = 5.0):
+    def __init__(self, process: "Callable[[Key, str, Cache, bool], None]", workers: int,
+                 depth: "Callable[[int], None] | None" = None, yield_seconds: float = 5.0,
+                 drained: "Callable[[int], None] | None" = None):
         self._process = process
         self._depth = depth or (lambda _: None)
+        # Called (outside the lock) when the queue has nothing left, with how many reconciles ran since it last had.
+        self._drained = drained or (lambda _: None)
+        self._done_since_drained = 0
         self._yield_seconds = yield_seconds
         self._active_urgent = 0
         self._cond = threading.Condition()
@@ -142,7 +149,7 @@ class WorkQueue:
         while (next_item := self._next()) is not None:
             key, item = next_item
             try:
-                item.context.run(self._process, key, item.why, item.cache)
+                item.context.run(self._process, key, item.why, item.cache, item.urgent)
             except Exception:  # noqa: BLE001 - one FineTune's bug must not stop the queue
                 logger.exception("reconciling %s/%s failed", *key)
             finally:
@@ -154,6 +161,12 @@ class WorkQueue:
                     again = self._again.pop(key, None)
                     if again is not None:
                         self._push(key, again)
+                    self._done_since_drained += 1
+                    done = self._done_since_drained if not self._pending and not self._active else 0
+                    if done:
+                        self._done_since_drained = 0
+                if done:
+                    self._drained(done)
 
     def idle(self) -> bool:
         with self._cond:
@@ -332,6 +345,77 @@ class RecentPods:
             self._created_version.pop(key, None)
 
 
+class HeldEvents:
+    """Kubernetes Events of a reconcile of a new or changed FineTune, posted at the FineTune's
+    next reconcile, which is queued as other work and so waits while new FineTunes are started
+    (at most the queue's yield_seconds). Someone waits for the pods, nobody for the "Created"
+    Event: in a burst of new FineTunes each Event would be one more write on the apiserver
+    between pod creations (measured: bench/results/README.md, 2026-12-07)."""
+
+    def __init__(self) -> None:
+        self._held: dict[Key, list[tuple[dict[str, Any], str, str, str]]] = {}
+        self._guard = threading.Lock()
+
+    def hold(self, key: Key, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        with self._guard:
+            self._held.setdefault(key, []).append((dict(body), type_, reason, message))
+
+    def holds(self, key: Key) -> bool:
+        with self._guard:
+            return key in self._held
+
+    def release(self, key: Key) -> list[tuple[dict[str, Any], str, str, str]]:
+        with self._guard:
+            return self._held.pop(key, [])
+
+
+class FreeMemory:
+    """After a burst of work (``burst`` reconciles or more before the queue drained), collects
+    garbage and hands what the allocator holds free back to the system (glibc's malloc_trim;
+    nothing where there is no such call), ``delay`` seconds after the queue drained: kopf's
+    per-object workers keep each object's last watch event for 5 s after it. In a burst kopf
+    holds every new object's event at once, and a Python process keeps the memory it peaked at.
+    Measured with 1000 FineTunes: bench/results/README.md."""
+
+    def __init__(self, burst: int = 100, delay: float = 10.0):
+        self.burst, self.delay = burst, delay
+        self._work = 0
+        self._timer: threading.Timer | None = None
+        self._guard = threading.Lock()
+        try:
+            self._malloc_trim: Callable[[int], int] | None = ctypes.CDLL(None).malloc_trim
+        except (AttributeError, OSError):  # not glibc
+            self._malloc_trim = None
+
+    def drained(self, reconciles: int) -> None:
+        """After ``burst`` reconciles or more, ``delay`` seconds after the queue last drained (a
+        burst that drains the queue now and then, e.g. kopf's first look at every object after
+        a restart, frees memory once, after its end)."""
+        with self._guard:
+            self._work += reconciles
+            if self._work < self.burst:
+                return
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(self.delay, self.release)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def release(self) -> None:
+        with self._guard:
+            self._timer = None
+            self._work = 0
+        gc.collect()
+        if self._malloc_trim is not None:
+            self._malloc_trim(0)
+
+    def cancel(self) -> None:
+        with self._guard:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+
 @dataclasses.dataclass
 class Runtime:
     kube: kube_.Kube
@@ -345,11 +429,14 @@ class Runtime:
     settings: m.PlatformSettings = dataclasses.field(default_factory=m.PlatformSettings)
     latest: LatestCopies = dataclasses.field(default_factory=LatestCopies)
     recent_pods: RecentPods = dataclasses.field(default_factory=RecentPods)
+    held_events: HeldEvents = dataclasses.field(default_factory=HeldEvents)
+    free_memory: FreeMemory = dataclasses.field(default_factory=FreeMemory)
     queue: WorkQueue = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        self.queue = WorkQueue(lambda key, why, cache: reconcile_queued(self, key, why, cache),
-                               self.options.max_workers, self.metrics.queue_depth.set)
+        self.queue = WorkQueue(lambda key, why, cache, urgent: reconcile_queued(self, key, why, cache, urgent),
+                               self.options.max_workers, self.metrics.queue_depth.set,
+                               drained=self.free_memory.drained)
 
     def wrote(self, key: Key, body: Mapping[str, Any]) -> None:
         """What the apiserver answered to one of this operator's writes for FineTune ``key``."""
@@ -441,7 +528,8 @@ def post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -
         pass
 
 
-def _reconcile(rt: Runtime, key: Key, cache: Cache) -> reconcile.Plan | None:
+def _reconcile(rt: Runtime, key: Key, cache: Cache, urgent: bool = False) -> reconcile.Plan | None:
+    """One reconcile; an urgent one (a new or changed FineTune) holds its Events for the next."""
     namespace, name = key
     finetune, pods, service_exists = observe(rt, key, cache)
     if finetune is None:
@@ -449,10 +537,13 @@ def _reconcile(rt: Runtime, key: Key, cache: Cache) -> reconcile.Plan | None:
         # the queue's order, so no reconcile still running for it brings it back.
         forget_finetune(rt, key)
         return None
+    for held in rt.held_events.release(key):
+        post_event(*held)
     try:
         result = reconcile.reconcile(
             rt.kube, finetune, pods, service_exists,
-            post_event=post_event, operator_metrics=rt.metrics, default_image=rt.options.trainer_image,
+            post_event=functools.partial(rt.held_events.hold, key) if urgent else post_event,
+            operator_metrics=rt.metrics, default_image=rt.options.trainer_image,
             allowed_volume_types=rt.allowed_volume_types,
             network_policy_metrics_from=rt.network_policy_metrics_from,
             settings=rt.settings,
@@ -471,13 +562,13 @@ def _reconcile(rt: Runtime, key: Key, cache: Cache) -> reconcile.Plan | None:
     return result
 
 
-def reconcile_queued(rt: Runtime, key: Key, why: str, cache: Cache) -> None:
+def reconcile_queued(rt: Runtime, key: Key, why: str, cache: Cache, urgent: bool = False) -> None:
     """One reconcile, in a queue thread (``why``: what queued it, the metric's handler label).
     API trouble queues it again after the retry delay, until a reconcile gets through or the
-    FineTune is gone (kopf does not retry event handlers)."""
+    FineTune is gone (kopf does not retry event handlers); that reconcile posts the Events held."""
     try:
         with rt.metrics.time_handler(why):
-            result = _reconcile(rt, key, cache)
+            result = _reconcile(rt, key, cache, urgent)
     except kopf.TemporaryError as e:
         logger.warning("%s (retrying in %.0fs)", e, rt.options.retry_delay)
         rt.queue.add(key, "retry", cache, delay=rt.options.retry_delay)
@@ -488,6 +579,8 @@ def reconcile_queued(rt: Runtime, key: Key, why: str, cache: Cache) -> None:
         return
     if result is not None and result.again:
         rt.queue.add(key, "next-step", cache)
+    elif rt.held_events.holds(key):
+        rt.queue.add(key, "held-events", cache)  # not urgent: after the new FineTunes' pods
     arm_clock(rt, key, cache)
 
 
@@ -561,3 +654,4 @@ def forget_finetune(rt: Runtime, key: Key) -> None:
     rt.scrapes.forget(key)
     rt.latest.forget(key)
     rt.recent_pods.forget(key)
+    rt.held_events.release(key)

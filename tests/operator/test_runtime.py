@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import copy
 import threading
 import time
+from pathlib import Path
 
 import kopf
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from finetune_operator import handlers, runtime
 from finetune_operator import manifests as m
+from finetune_operator.kube import Kube
 from finetune_operator.main import Options
 from finetune_operator.metrics import OperatorMetrics
 from support import wait_for
@@ -42,6 +46,7 @@ def operator_runtime(**options):
         yield rt
     finally:
         rt.queue.shutdown()
+        rt.free_memory.cancel()
 
 
 def test_a_written_copy_is_planned_from_until_the_watch_delivers_its_version():
@@ -173,7 +178,7 @@ class Recorder:
         self.most_concurrent = 0
         self._guard = threading.Lock()
 
-    def __call__(self, key, why, cache) -> None:
+    def __call__(self, key, why, cache, urgent) -> None:
         with self._guard:
             self.calls.append((key, why))
             self.concurrent += 1
@@ -225,7 +230,7 @@ def test_a_finetune_is_never_reconciled_twice_at_once_and_an_ask_while_it_runs_i
 def test_a_failing_reconcile_does_not_stop_the_queue():
     calls = []
 
-    def process(key, why, cache):
+    def process(key, why, cache, urgent):
         calls.append(key)
         if key == KEY:
             raise RuntimeError("a bug in one FineTune's reconcile")
@@ -244,7 +249,7 @@ def test_a_reconcile_runs_in_the_context_of_the_handler_that_queued_it():
     # none, and the FineTune's Events would be dropped.
     poster = contextvars.ContextVar("poster")
     seen = []
-    queue = runtime.WorkQueue(lambda key, why, cache: seen.append(poster.get(None)), workers=1)
+    queue = runtime.WorkQueue(lambda key, why, cache, urgent: seen.append(poster.get(None)), workers=1)
     try:
         poster.set("kopf's queue")
         queue.add(KEY, "finetune-event", None)
@@ -313,3 +318,94 @@ def test_status_refreshes_wait_while_new_finetunes_are_reconciled_but_not_for_ev
         assert wait_for(lambda: len(recorder.calls) == 2, "the refresh after the new FineTune", timeout=5)
     with a_refresh_behind_a_running_new_finetune(yield_seconds=0.3) as recorder:
         assert wait_for(lambda: len(recorder.calls) == 2, "the refresh while the new one still runs", timeout=5)
+
+
+# --- Events of new FineTunes ------------------------------------------------------------------------
+
+class ApiServer(Kube):
+    """Writes answered as the apiserver answers them (the FineTune patched, a new
+    resourceVersion), and recorded."""
+
+    def __init__(self, finetune_body: dict):
+        self.finetune, self.calls, self.version = copy.deepcopy(finetune_body), [], 100
+
+    def _next_version(self) -> str:
+        self.version += 1
+        return str(self.version)
+
+    def patch_finetune(self, namespace, name, patch, status=False, resource_version=None):
+        self.calls.append("patch finetunes/status" if status else "patch finetunes")
+        self.finetune["status"].update(patch.get("status") or {})
+        self.finetune["metadata"]["resourceVersion"] = self._next_version()
+        return copy.deepcopy(self.finetune)
+
+    def create(self, namespace, plural, body):
+        self.calls.append(f"create {plural}")
+        return {**body, "metadata": {**body["metadata"], "resourceVersion": self._next_version()}}
+
+
+def test_a_new_finetune_s_events_wait_for_its_next_reconcile_which_is_not_urgent(monkeypatch):
+    """In a burst of new FineTunes the Created Event would be one more write between pod
+    creations: the urgent reconcile that creates the pods holds it, and queues the FineTune's
+    next reconcile as other work (after the new FineTunes' pods), which posts it."""
+    posted = []
+    monkeypatch.setattr(runtime, "post_event", lambda body, type_, reason, message: posted.append(reason))
+    sample = yaml.safe_load((Path(__file__).resolve().parents[2] / "crds/samples/finetune-cpu-smoke.yaml").read_text())
+    sample["metadata"].update(namespace="ml", name="ft", uid="u1", generation=1, resourceVersion="100")
+    sample["status"] = {}
+    with operator_runtime() as rt:
+        rt.queue.shutdown()  # its entries are looked at and run here, not by its threads
+        rt.kube = ApiServer(sample)
+        finetunes = Index()
+        finetunes.put(KEY, runtime.finetune_entry(sample))
+        cache = runtime.Cache(finetunes, {})
+        runtime.reconcile_queued(rt, KEY, "finetune-event", cache, urgent=True)
+        assert rt.kube.calls == ["patch finetunes/status", "create services", "create pods", "create pods"]
+        assert posted == []
+        queued = rt.queue._pending.pop(KEY)  # (as the queue takes it)
+        assert queued.why == "held-events" and not queued.urgent
+        runtime.reconcile_queued(rt, KEY, queued.why, queued.cache, queued.urgent)
+        assert posted == ["Created"]
+        assert len(rt.kube.calls) == 4  # nothing else to do
+        assert rt.queue._pending[KEY].why == "clock"  # its active deadline; nothing more held
+        # A deleted FineTune's held Events go with it.
+        rt.held_events.hold(KEY, sample, "Normal", "Created", "again")
+        runtime.forget_finetune(rt, KEY)
+        assert not rt.held_events.holds(KEY)
+
+
+def test_after_a_burst_of_work_the_freed_memory_goes_back_to_the_system():
+    drained, released = [], threading.Event()
+    free_memory = runtime.FreeMemory(burst=3, delay=0.5)
+    release = free_memory.release  # gc.collect() and malloc_trim(0)
+    free_memory.release = lambda: (release(), released.set())
+    queue = runtime.WorkQueue(lambda key, why, cache, urgent: None, workers=2,
+                              drained=lambda n: (drained.append(n), free_memory.drained(n)))
+    try:
+        queue.add(KEY, "finetune-event", None)
+        assert wait_for(lambda: drained, "the queue to drain", timeout=5) == [1]
+        time.sleep(0.2)
+        assert not released.is_set()  # one reconcile is no burst
+        for i in range(3):
+            queue.add(("ml", f"new-{i}"), "finetune-event", None, delay=0.05)
+        assert released.wait(5)
+        assert sum(drained) == 4
+        # A burst that drains the queue now and then frees memory once, after its last drain.
+        released.clear()
+        free_memory.delay = 1.0  # longer than a drain and a look here take
+        for i in range(4):
+            queue.add(("ml", f"later-{i}"), "finetune-event", None)
+            assert wait_for(queue.idle, "the queue to drain", timeout=5)
+            time.sleep(0.15)
+            assert not released.is_set()
+        assert released.wait(5)
+    finally:
+        queue.shutdown()
+        free_memory.cancel()
+
+
+def test_freeing_memory_runs_where_glibc_is_and_is_harmless():
+    free_memory = runtime.FreeMemory()
+    free_memory.release()  # gc.collect() and, on glibc, malloc_trim(0)
+    if Path("/lib/x86_64-linux-gnu/libc.so.6").exists() or Path("/lib/aarch64-linux-gnu/libc.so.6").exists():
+        assert free_memory._malloc_trim is not None
