@@ -1,6 +1,6 @@
 """How the FineTune operator scales, against a minimal kopf operator, on a real control plane.
 
-    .venv/bin/python bench/operator_scale.py [--finetunes 200] [--rounds 3] [--idle 1000]
+    .venv/bin/python bench/operator_scale.py [--finetunes 200] [--rounds 5] [--idle 1000]
                                              [--idle-seconds 60] [--label "what the code is"]
 
 One run, on one fresh control plane (tests/cluster, v1.20, no kubelet, no Node: every pod
@@ -320,8 +320,8 @@ def delete_namespace(cp, api: kubernetes.client.ApiClient, namespace: str) -> No
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--finetunes", type=int, default=200, help="FineTunes in each burst (default 200)")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="bursts of each operator, alternating which goes first (default 3)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="bursts of each operator, alternating which goes first (default 5)")
     ap.add_argument("--idle", type=int, default=1000, help="idle FineTunes for the idle phase (default 1000; 0: none)")
     ap.add_argument("--idle-seconds", type=float, default=60, help="how long the idle phase is measured")
     ap.add_argument("--timeout", type=float, default=300, help="longest wait for a burst's pods")
