@@ -238,10 +238,11 @@ def wait_until(condition, timeout: float, interval: float = 0.5) -> bool:
     return False
 
 
-def audit_requests(cp, start: float, end: float) -> dict[str, int]:
-    """Requests by the operator's ServiceAccount received in [start, end), by verb (watches apart)."""
+def audit_requests(events: list[dict[str, Any]], start: float, end: float) -> dict[str, int]:
+    """Requests by the operator's ServiceAccount received in [start, end), by verb (watches
+    apart), from the audit log's ``events`` (ControlPlane.audit_events)."""
     counts: dict[str, int] = {}
-    for event in cp.audit_events():
+    for event in events:
         if not event["user"]["username"].startswith("system:serviceaccount:finetune-system:"):
             continue
         received = dt.datetime.fromisoformat(event["requestReceivedTimestamp"].replace("Z", "+00:00")).timestamp()
@@ -287,7 +288,7 @@ def burst(cp, api, process: Process, namespace: str, count: int, timeout: float)
     time.sleep(10)  # what the operator still does right after (status, events)
     latencies = watch.latencies(names)
     watch.stop()
-    requests = audit_requests(cp, started, time.time())
+    requests = audit_requests(cp.audit_events(), started, time.time())
     result = {
         "namespace": namespace,
         "finetunes": count, "complete": len(latencies), "all_complete": done,
@@ -422,8 +423,8 @@ def create_idle_finetunes(cp, api, args: argparse.Namespace) -> None:
     names = [f"idle-{i:04d}" for i in range(args.idle)]
     for start in range(0, args.idle, args.finetunes):
         create_finetunes(api, "scale-idle", names[start:start + args.finetunes])
-        if not wait_until(lambda: watch.complete(names[:start + args.finetunes]) == min(args.idle, start + args.finetunes),
-                          args.timeout):
+        created = names[:start + args.finetunes]
+        if not wait_until(lambda: watch.complete(created) == len(created), args.timeout):
             say(f"  only {watch.complete(names)} of {args.idle} got their pods within {args.timeout}s")
     watch.stop()
 
@@ -449,9 +450,10 @@ def idle_phase(cp, operator: Process, args: argparse.Namespace) -> dict[str, Any
     time.sleep(args.idle_seconds)
     quiet_end = time.time()
     time.sleep(2)  # audit events are written when the response completes
-    requests = audit_requests(cp, quiet_start, quiet_end)
+    events = cp.audit_events()
+    requests = audit_requests(events, quiet_start, quiet_end)
     # Requests per 10 s of the window: a steady rate, or the tail of the creation's work?
-    per_10s = [non_watch(audit_requests(cp, t, min(t + 10, quiet_end)))
+    per_10s = [non_watch(audit_requests(events, t, min(t + 10, quiet_end)))
                for t in [quiet_start + 10 * i for i in range(int((quiet_end - quiet_start + 9.999) // 10))]]
     phases: dict[str, int] = {}
     for item in cp.get_json("finetunes", namespace="scale-idle")["items"]:

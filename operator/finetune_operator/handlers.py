@@ -36,10 +36,6 @@ async def worker_pods_by_finetune(namespace: str, labels: kopf.Labels, body: kop
     return {(namespace, labels[m.LABEL_FINETUNE]): runtime.pod_entry(body)}
 
 
-def _cache(finetunes_by_name: kopf.Index, worker_pods_by_finetune: kopf.Index) -> runtime.Cache:
-    return runtime.Cache(finetunes_by_name, worker_pods_by_finetune)
-
-
 # A plain event handler rather than kopf's create/update/resume handlers: those record their
 # progress and the last handled spec in annotations, one more write per FineTune and a new
 # resourceVersion after every reconcile. The reconcile is level-triggered, so every change of
@@ -48,7 +44,7 @@ def _cache(finetunes_by_name: kopf.Index, worker_pods_by_finetune: kopf.Index) -
 @kopf.on.event(m.GROUP, m.VERSION, m.PLURAL)
 async def finetune_changed(type: str, namespace: str, name: str, body: kopf.Body, memo: kopf.Memo,  # noqa: A002
                      finetunes_by_name: kopf.Index, worker_pods_by_finetune: kopf.Index, **_: Any) -> None:
-    cache = _cache(finetunes_by_name, worker_pods_by_finetune)
+    cache = runtime.Cache(finetunes_by_name, worker_pods_by_finetune)
     if type == "DELETED":
         # No finalizer: the pods and Service go by garbage collection, and what the operator
         # keeps per FineTune (metrics, copies, its clock in the work queue) goes once it is gone.
@@ -60,5 +56,5 @@ async def finetune_changed(type: str, namespace: str, name: str, body: kopf.Body
 @kopf.on.event("", "v1", "pods", labels=OWNED_LABELS)
 async def worker_pod_event(namespace: str, labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo,
                      finetunes_by_name: kopf.Index, worker_pods_by_finetune: kopf.Index, **_: Any) -> None:
-    cache = _cache(finetunes_by_name, worker_pods_by_finetune)
+    cache = runtime.Cache(finetunes_by_name, worker_pods_by_finetune)
     runtime.worker_pod_changed(memo.runtime, (namespace, labels[m.LABEL_FINETUNE]), body, cache)

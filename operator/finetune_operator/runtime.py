@@ -403,7 +403,10 @@ class FreeMemory:
 
     def release(self) -> None:
         with self._guard:
-            self._timer = None
+            # (A timer cancelled while it was starting may still get here: it must not drop
+            # the newer timer, or cancel() at shutdown would miss it.)
+            if self._timer is threading.current_thread():
+                self._timer = None
             self._work = 0
         gc.collect()
         if self._malloc_trim is not None:

@@ -21,7 +21,7 @@ from finetune_operator import manifests as m
 from finetune_operator.kube import Kube
 from finetune_operator.main import Options
 from finetune_operator.metrics import OperatorMetrics
-from support import wait_for
+from support import REPO, wait_for
 
 KEY = ("ml", "ft")
 
@@ -350,7 +350,7 @@ def test_a_new_finetune_s_events_wait_for_its_next_reconcile_which_is_not_urgent
     next reconcile as other work (after the new FineTunes' pods), which posts it."""
     posted = []
     monkeypatch.setattr(runtime, "post_event", lambda body, type_, reason, message: posted.append(reason))
-    sample = yaml.safe_load((Path(__file__).resolve().parents[2] / "crds/samples/finetune-cpu-smoke.yaml").read_text())
+    sample = yaml.safe_load((REPO / "crds" / "samples" / "finetune-cpu-smoke.yaml").read_text())
     sample["metadata"].update(namespace="ml", name="ft", uid="u1", generation=1, resourceVersion="100")
     sample["status"] = {}
     with operator_runtime() as rt:
