@@ -29,6 +29,7 @@ from . import validation
 PEERING_NAME = "finetune-operator"
 FINALIZER = "finetune.dev/finalizer"
 PREFIX = "finetune.dev"
+LIST_PAGE_SIZE = 200
 OWNED_SELECTOR = ",".join(f"{k}={v}" if isinstance(v, str) else k for k, v in handlers.OWNED_LABELS.items())
 
 
@@ -129,6 +130,9 @@ def configure_operator(settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     settings.watching.server_timeout = options.server_timeout
     settings.watching.client_timeout = options.server_timeout + 30
     settings.watching.connect_timeout = 30
+    # The first listing in pages: one page's parsed objects at a time rather than every
+    # FineTune's or pod's at once (kopf holds what it listed until all of it is indexed).
+    settings.watching.chunk_size = LIST_PAGE_SIZE
     # Only the operator's own pods reach it (filtered by the apiserver, not here).
     settings.watching.label_selectors["", "v1", "pods"] = OWNED_SELECTOR
     settings.posting.level = logging.getLevelName(options.posting_level.upper())
