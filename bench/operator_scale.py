@@ -152,11 +152,11 @@ class Process:
         return next((float(line.split()[-1]) for line in self._metrics()
                      if line.startswith("finetune_operator_work_queue_depth ")), None)
 
-    def reconciles(self, handler: str) -> float:
-        """How many reconciles the FineTune operator ran, asked for by ``handler`` (e.g. finetune-event)."""
+    def reconciles(self, *handlers: str) -> float:
+        """How many reconciles the FineTune operator ran, asked for by any of ``handlers`` (e.g. finetune-event)."""
         return sum(float(line.split()[-1]) for line in self._metrics()
                    if line.startswith("finetune_operator_reconcile_duration_seconds_count")
-                   and f'handler="{handler}"' in line)
+                   and any(f'handler="{handler}"' in line for handler in handlers))
 
     def stop(self) -> None:
         self._stop.set()
@@ -437,8 +437,9 @@ def idle_phase(cp, operator: Process, args: argparse.Namespace) -> dict[str, Any
     # operator frees memory 10 s after its queue drained, see runtime.FreeMemory), then measure.
     drained_from, waited_from = None, time.monotonic()
     # (After a restart the queue is empty until kopf has listed and indexed everything: first
-    # wait until the operator has looked at every FineTune.)
-    wait_until(lambda: operator.reconciles("finetune-event") >= args.idle, 300, 1)
+    # wait until the operator has looked at every FineTune: one reconcile each, queued by the
+    # FineTune's own event or by one of its pods', whichever kopf delivered first.)
+    wait_until(lambda: operator.reconciles("finetune-event", "pod-event") >= args.idle, 300, 1)
     while time.monotonic() - waited_from < 300:
         depth = operator.queue_depth()
         drained_from = (drained_from or time.monotonic()) if depth == 0 else None
