@@ -21,17 +21,26 @@ from . import runtime
 OWNED_LABELS = {m.LABEL_MANAGED_BY: m.MANAGED_BY, m.LABEL_FINETUNE: kopf.PRESENT}
 
 
-def _drop_managed_fields(body: kopf.Body) -> None:
-    """Drop ``metadata.managedFields`` from the copy kopf holds (the cluster's object keeps them).
+# kubectl apply's copy of the whole manifest (kopf reads it only for diff bases, which this
+# operator does not keep: main.NoDiffBase).
+LAST_APPLIED_ANNOTATION = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def _drop_unread_fields(body: kopf.Body) -> None:
+    """Drop ``metadata.managedFields`` and kubectl's last-applied annotation from the copy kopf
+    holds (the cluster's object keeps them).
 
     kopf keeps each listed object's body until every index is complete: its event handlers wait
     for that. So an operator restarted over 1000 FineTunes holds all 3000 bodies at once, and
     managedFields are nearly half of a worker pod's (2.9 of 6.5 KB). The memory of that peak
     stays with the process (CPython's arenas stay fragmented), while nothing here, or in kopf,
-    reads managedFields. ``body["metadata"]`` is the parsed dict itself, not a copy."""
+    reads these fields. ``body["metadata"]`` is the parsed dict itself, not a copy."""
     metadata = body.get("metadata")
     if isinstance(metadata, dict):
         metadata.pop("managedFields", None)
+        annotations = metadata.get("annotations")
+        if isinstance(annotations, dict):
+            annotations.pop(LAST_APPLIED_ANNOTATION, None)
 
 
 # The index functions only return entries. kopf stores an entry after its function returns and
@@ -40,14 +49,14 @@ def _drop_managed_fields(body: kopf.Body) -> None:
 # operator's own copy dropped while the index still holds the older one.
 @kopf.index(m.GROUP, m.VERSION, m.PLURAL)
 async def finetunes_by_name(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[runtime.Key, Any]:
-    _drop_managed_fields(body)
+    _drop_unread_fields(body)
     return {(namespace, name): runtime.finetune_entry(body)}
 
 
 @kopf.index("", "v1", "pods", labels=OWNED_LABELS)
 async def worker_pods_by_finetune(namespace: str, labels: kopf.Labels, body: kopf.Body,
                                   **_: Any) -> dict[runtime.Key, Any]:
-    _drop_managed_fields(body)
+    _drop_unread_fields(body)
     return {(namespace, labels[m.LABEL_FINETUNE]): runtime.pod_entry(body)}
 
 

@@ -411,17 +411,20 @@ def test_freeing_memory_runs_where_glibc_is_and_is_harmless():
         assert free_memory._malloc_trim is not None
 
 
-def test_the_indexes_drop_managed_fields_from_the_bodies_kopf_holds():
+def test_the_indexes_drop_unread_fields_from_the_bodies_kopf_holds():
     """kopf holds every listed body until all indexes are complete; managedFields are nearly
-    half of a pod's and nothing reads them, so the index functions drop them from kopf's own
-    parsed dict (kopf.Body is a view of it), not from a copy. The entries are as before."""
+    half of a pod's and nothing reads them (nor kubectl's last-applied copy of the manifest), so
+    the index functions drop them from kopf's own parsed dict (kopf.Body is a view of it), not
+    from a copy. The entries are as before; other annotations stay."""
     managed = [{"manager": "finetune-operator", "operation": "Update", "fieldsV1": {"f:spec": {}}}]
     raw_finetune, raw_pod = finetune("7", "Running"), pod("ft-worker-0", "8")
     for raw in (raw_finetune, raw_pod):
         raw["metadata"]["managedFields"] = copy.deepcopy(managed)
+    raw_finetune["metadata"]["annotations"] = {handlers.LAST_APPLIED_ANNOTATION: "{}", "team": "vision"}
     memo = kopf.Memo()
     entry = asyncio.run(handlers.finetunes_by_name(namespace="ml", name="ft", body=kopf.Body(raw_finetune), memo=memo))
     assert "managedFields" not in raw_finetune["metadata"]
+    assert raw_finetune["metadata"]["annotations"] == {"team": "vision"}
     assert entry[KEY] == runtime.finetune_entry(finetune("7", "Running"))
     entry = asyncio.run(handlers.worker_pods_by_finetune(namespace="ml", name="ft-worker-0", body=kopf.Body(raw_pod),
                                                          labels={m.LABEL_FINETUNE: "ft"}, memo=memo))
